@@ -1,0 +1,273 @@
+"""Find the BatchNormalization nodes of a model and cut its graph into stages between BN levels.
+
+Exact eval-mode statistics of BN k need every BN upstream of k to use its *new* statistics. Give
+each node a stage: ``stage(n) = max(stage of the producers of n's inputs) + (1 if n is BN)``; the
+*level* of a BN is its stage − 1, i.e. the number of BN nodes on the longest path above it. Then:
+
+* every input of a level-s BN is computable in stage s using only BNs of levels < s, which are
+  already recalibrated when stage s runs;
+* BN nodes of the same level do not depend on each other and are measured in the same pass;
+* every node runs exactly once per sample over the whole recalibration, so the total cost stays
+  close to one inference pass. The tensors that cross a cut (BN inputs, residual branches, graph
+  inputs used late) are kept between stages by `store.TensorStore`.
+
+Only nodes upstream of some BN input run at all: classifier heads after the last BN are skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import UnsupportedModel
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNorm:
+    """One inference-mode BatchNormalization node of the main graph."""
+
+    index: int  # position in graph.node
+    name: str  # node name, or a stable synthetic one when the node is unnamed / not unique
+    x: str  # the input being normalised, shape (N, C, ...)
+    scale: str
+    bias: str
+    mean: str
+    var: str
+    epsilon: float
+    channels: int
+
+
+@dataclasses.dataclass
+class StagePlan:
+    """Which nodes run in which stage, and which tensors cross the cuts.
+
+    ``nodes[s]``: indices into graph.node run in stage s (graph order, so topologically sorted).
+    ``inputs[s]``: tensors stage s reads from outside itself (graph inputs or earlier cut tensors).
+    ``outputs[s]``: tensors produced in stage s that are measured or needed by a later stage.
+    ``measure[s]``: BN input tensors whose statistics are taken during stage s (BNs of level s).
+    ``last_use[t]``: the last stage that reads cut tensor t, after which it can be dropped.
+    ``late_inputs``: graph inputs read by a stage > 0, so they must be kept from stage 0 on.
+    """
+
+    levels: dict[str, int]  # BN name -> level
+    nodes: list[list[int]]
+    inputs: list[list[str]]
+    outputs: list[list[str]]
+    measure: list[list[str]]
+    last_use: dict[str, int]
+    late_inputs: list[str]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.nodes)
+
+
+def is_batchnorm(node: onnx.NodeProto) -> bool:
+    return node.op_type == "BatchNormalization" and node.domain in DEFAULT_DOMAINS
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 1)
+
+
+def is_constant_node(node: onnx.NodeProto) -> bool:
+    return node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS
+
+
+def constant_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Tensors known without running the graph: initializers and the values of `Constant` nodes."""
+    tensors = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if not is_constant_node(node) or len(node.attribute) != 1:
+            continue
+        attr = node.attribute[0]
+        if attr.name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(attr.t)
+        elif attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
+            value = np.asarray(onnx.helper.get_attribute_value(attr))
+            tensor = numpy_helper.from_array(value.astype(np.float32 if "float" in attr.name else np.int64))
+        else:  # sparse / string constants never feed BN statistics
+            continue
+        tensor.name = node.output[0]
+        tensors[tensor.name] = tensor
+    return tensors
+
+
+def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    return {name: numpy_helper.to_array(t) for name, t in constant_tensors(graph).items()}
+
+
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    """Every tensor a node reads: its inputs plus outer-scope names used inside its subgraphs."""
+    names = [name for name in node.input if name]
+    for attr in node.attribute:
+        subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for sub in subgraphs:
+            names.extend(_outer_scope_names(sub))
+    return names
+
+
+def _outer_scope_names(graph: onnx.GraphProto) -> list[str]:
+    local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    outer = []
+    for node in graph.node:
+        outer.extend(name for name in node_inputs(node) if name not in local)
+        local.update(node.output)
+    outer.extend(o.name for o in graph.output if o.name not in local)
+    return outer
+
+
+def _unique_names(graph: onnx.GraphProto) -> list[str]:
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.name] = counts.get(node.name, 0) + 1
+    return [
+        node.name if node.name and counts[node.name] == 1 else f"{node.op_type}#{i}"
+        for i, node in enumerate(graph.node)
+    ]
+
+
+def find_batchnorms(model: onnx.ModelProto) -> list[BatchNorm]:
+    """The BN nodes of the main graph, validated for recalibration (raises `UnsupportedModel`)."""
+    graph = model.graph
+    constants = constant_values(graph)
+    names = _unique_names(graph)
+    consumed = {name for node in graph.node for name in node_inputs(node)}
+    consumed |= {o.name for o in graph.output}
+    found = []
+    for index, node in enumerate(graph.node):
+        if is_batchnorm(node):
+            found.append(_read_batchnorm(node, index, names[index], constants, consumed))
+    return found
+
+
+def _read_batchnorm(node, index, name, constants, consumed) -> BatchNorm:
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("training_mode", 0) != 0:
+        raise UnsupportedModel(
+            f"BatchNormalization '{name}' has training_mode=1: export the model in eval mode "
+            "(model.eval() before torch.onnx.export) so BN uses its running statistics."
+        )
+    if any(out and out in consumed for out in node.output[1:]):
+        raise UnsupportedModel(
+            f"BatchNormalization '{name}' exposes its training outputs (running/saved mean and "
+            "variance); bnfold needs inference-mode BN with a single output. Export in eval mode."
+        )
+    if attrs.get("spatial", 1) != 1:
+        raise UnsupportedModel(
+            f"BatchNormalization '{name}' has spatial=0 (per-element statistics, opset < 9); only "
+            "per-channel BN is supported."
+        )
+    if len(node.input) != 5 or not all(node.input):
+        raise UnsupportedModel(f"BatchNormalization '{name}' does not have its five inputs.")
+    x, scale, bias, mean, var = node.input
+    for role, tensor in (("scale", scale), ("B", bias), ("input_mean", mean), ("input_var", var)):
+        if tensor not in constants:
+            raise UnsupportedModel(
+                f"BatchNormalization '{name}': its {role} '{tensor}' is computed by the graph, not "
+                "a constant initializer, so it cannot be recalibrated."
+            )
+    channels = constants[mean].size
+    if constants[var].size != channels or constants[mean].ndim != 1:
+        raise UnsupportedModel(f"BatchNormalization '{name}': mean/var are not 1-D of one length.")
+    return BatchNorm(index, name, x, scale, bias, mean, var, float(attrs.get("epsilon", 1e-5)), channels)
+
+
+def plan_stages(model: onnx.ModelProto, batchnorms: Iterable[BatchNorm]) -> StagePlan:
+    """Assign nodes to stages (see module docstring) and find the tensors crossing each cut."""
+    graph = model.graph
+    bn_at = {bn.index: bn for bn in batchnorms}
+    # Constant nodes are handed to every stage as initializers, never run or kept as cut tensors.
+    producer = {
+        out: i
+        for i, node in enumerate(graph.node)
+        if not is_constant_node(node)
+        for out in node.output
+        if out
+    }
+    runtime_inputs = {i.name for i in graph.input} - {t.name for t in graph.initializer}
+    reads = [[t for t in node_inputs(node) if t in producer or t in runtime_inputs] for node in graph.node]
+
+    stage = [0] * len(graph.node)
+    for i, node in enumerate(graph.node):
+        before = max((stage[producer[t]] for t in reads[i] if t in producer), default=0)
+        stage[i] = before + (1 if i in bn_at else 0)
+
+    useful = _ancestors(graph, reads, producer, {bn.x for bn in bn_at.values()})
+    num_stages = 1 + max(stage[i] - 1 for i in bn_at)
+    levels = {bn.name: stage[i] - 1 for i, bn in bn_at.items()}
+    measure = [sorted({bn.x for i, bn in bn_at.items() if stage[i] - 1 == s}) for s in range(num_stages)]
+
+    # A tensor is a cut tensor when a useful node of a later stage reads it (or it is measured).
+    last_use: dict[str, int] = {}
+    for i in sorted(useful):
+        for t in reads[i]:
+            first = stage[producer[t]] if t in producer else 0
+            if stage[i] > first:
+                last_use[t] = max(last_use.get(t, 0), stage[i])
+    outputs = [[] for _ in range(num_stages)]
+    for t in sorted(set(last_use) | {x for xs in measure for x in xs}):
+        if t in producer and stage[producer[t]] < num_stages:
+            outputs[stage[producer[t]]].append(t)
+    nodes = [[i for i in sorted(useful) if stage[i] == s] for s in range(num_stages)]
+    inputs = []
+    for members in nodes:
+        made = {out for i in members for out in graph.node[i].output}
+        inputs.append(list(dict.fromkeys(t for i in members for t in reads[i] if t not in made)))
+    late_inputs = sorted(t for t in last_use if t in runtime_inputs)
+    return StagePlan(levels, nodes, inputs, outputs, measure, last_use, late_inputs)
+
+
+def _ancestors(graph, reads, producer, targets: set[str]) -> set[int]:
+    """Indices of the nodes needed to compute `targets`."""
+    needed: set[int] = set()
+    todo = [producer[t] for t in targets if t in producer]
+    while todo:
+        i = todo.pop()
+        if i not in needed:
+            needed.add(i)
+            todo.extend(producer[t] for t in reads[i] if t in producer)
+    return needed
+
+
+def stage_model(
+    model: onnx.ModelProto,
+    plan: StagePlan,
+    s: int,
+    input_types: dict[str, tuple[int, int]],
+    overrides: dict[str, onnx.TensorProto],
+) -> onnx.ModelProto:
+    """A standalone model running stage s: its inputs are cut tensors, its outputs `plan.outputs[s]`.
+
+    ``input_types`` maps each cut tensor / graph input to (onnx elem type, rank), observed from the
+    arrays that actually flow, so no shape inference over the whole model is needed.
+    ``overrides`` replaces constant tensors by name: the new statistics of BNs already measured.
+    """
+    graph = model.graph
+    nodes = [graph.node[i] for i in plan.nodes[s]]
+    initializers = constant_tensors(graph) | overrides
+    read = list(dict.fromkeys(t for node in nodes for t in node_inputs(node)))
+    stage_graph = onnx.helper.make_graph(
+        nodes,
+        f"{graph.name}_stage{s}",
+        [onnx.helper.make_tensor_value_info(t, *_type_and_shape(input_types[t])) for t in plan.inputs[s]],
+        [onnx.ValueInfoProto(name=t) for t in plan.outputs[s]],
+        initializer=[initializers[t] for t in read if t in initializers],
+    )
+    stage = onnx.helper.make_model(
+        stage_graph, opset_imports=model.opset_import, ir_version=model.ir_version
+    )
+    stage.functions.extend(model.functions)
+    return stage
+
+
+def _type_and_shape(elem_rank: tuple[int, int]) -> tuple[int, list[None]]:
+    elem_type, rank = elem_rank
+    return elem_type, [None] * rank

@@ -1,0 +1,166 @@
+"""Unlabeled samples: read them, check them against the model's inputs, and cut them into batches.
+
+Samples may be one array (single-input models), a mapping input name → array (all arrays share the
+sample axis 0), or an iterable of such batches (data that does not fit in memory, read lazily and
+only once). Every batch is checked before it reaches ONNX Runtime: names, dtype kind, rank, static
+dimensions, finiteness. Floating-point samples are cast to the input's float type (numpy's default
+float64 is the common case); any other dtype mismatch is an error rather than a silent conversion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Iterator, Mapping
+
+import numpy as np
+import onnx
+
+from .errors import InvalidOptions, InvalidSamples
+
+Batch = np.ndarray | Mapping[str, np.ndarray]
+Samples = np.ndarray | Mapping[str, np.ndarray] | Iterable[Batch]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInput:
+    """A runtime input of the model. dims: int for static, None for symbolic or unknown."""
+
+    name: str
+    dtype: np.dtype
+    dims: tuple[int | None, ...]
+
+    def describe(self) -> str:
+        return "(" + ", ".join("?" if d is None else str(d) for d in self.dims) + ")"
+
+
+def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:
+    """Graph inputs that need feeding (inputs with an initializer default are constants)."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        if not value.type.HasField("tensor_type") or not tensor_type.HasField("shape"):
+            raise InvalidSamples(f"model input '{value.name}' is not a tensor of known rank")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+        inputs.append(ModelInput(value.name, np.dtype(dtype), dims))
+    return inputs
+
+
+def iter_batches(samples: Samples, inputs: list[ModelInput], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Validated batches {input name: array}; arrays of a batch share axis 0 (the sample axis)."""
+    if batch_size < 1:
+        raise InvalidOptions(f"batch_size must be ≥ 1, got {batch_size}")
+    fixed = inputs[0].dims[0] if inputs and inputs[0].dims else None
+    size = fixed or batch_size  # a model exported with a static batch size only runs that size
+    if isinstance(samples, np.ndarray) or isinstance(samples, Mapping):
+        whole = _as_mapping(samples, inputs)
+        total = _sample_count(whole)
+        if total == 0:
+            raise InvalidSamples("the sample set is empty: give at least one sample")
+        raw: Iterable[dict[str, np.ndarray]] = (
+            {k: v[i : i + size] for k, v in whole.items()} for i in range(0, total, size)
+        )
+    else:
+        raw = (_as_mapping(batch, inputs) for batch in samples)
+    seen = 0
+    for index, batch in enumerate(_rechunk(raw, fixed)):
+        seen += _sample_count(batch)
+        yield _checked(batch, inputs, index)
+    if seen == 0:
+        raise InvalidSamples("the sample set is empty: give at least one sample")
+
+
+def _as_mapping(batch: Batch, inputs: list[ModelInput]) -> dict[str, np.ndarray]:
+    names = [i.name for i in inputs]
+    if isinstance(batch, Mapping):
+        unknown = sorted(set(batch) - set(names))
+        missing = [n for n in names if n not in batch]
+        if missing:
+            raise InvalidSamples(f"samples have no array for model input(s) {missing}; inputs are {names}")
+        if unknown:
+            raise InvalidSamples(f"samples name {unknown}, which are not model inputs; inputs are {names}")
+        return {n: np.asarray(batch[n]) for n in names}
+    if len(names) != 1:
+        raise InvalidSamples(f"the model has {len(names)} inputs {names}: give one array per input name (.npz)")
+    return {names[0]: np.asarray(batch)}
+
+
+def _sample_count(batch: Mapping[str, np.ndarray]) -> int:
+    counts = {name: (a.shape[0] if a.ndim else -1) for name, a in batch.items()}
+    if len(set(counts.values())) > 1:
+        raise InvalidSamples(f"arrays disagree on the number of samples (axis 0): {counts}")
+    return next(iter(counts.values()))
+
+
+def _rechunk(batches: Iterable[dict[str, np.ndarray]], size: int | None) -> Iterator[dict[str, np.ndarray]]:
+    """Re-cut batches to exactly `size` samples each (models with a static batch dimension)."""
+    if size is None:
+        yield from (b for b in batches if _sample_count(b) > 0)
+        return
+    pending: list[dict[str, np.ndarray]] = []
+    held = 0
+    for batch in batches:
+        pending.append(batch)
+        held += _sample_count(batch)
+        while held >= size:
+            joined = {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
+            yield {k: v[:size] for k, v in joined.items()}
+            pending, held = [{k: v[size:] for k, v in joined.items()}], held - size
+    if held:
+        raise InvalidSamples(
+            f"the model's batch dimension is fixed at {size}, but the sample count leaves {held} over: "
+            f"give a multiple of {size} samples, or export the model with a dynamic batch axis"
+        )
+
+
+def _checked(batch: dict[str, np.ndarray], inputs: list[ModelInput], index: int) -> dict[str, np.ndarray]:
+    out = {}
+    for spec in inputs:
+        array = batch[spec.name]
+        where = f"samples for input '{spec.name}'"
+        if array.ndim != len(spec.dims) or any(
+            d is not None and d != a for d, a in zip(spec.dims[1:], array.shape[1:])
+        ):
+            raise InvalidSamples(
+                f"{where} have shape {tuple(array.shape[1:])} per sample (array {tuple(array.shape)}), "
+                f"but the model expects {spec.describe()} with axis 0 counting samples"
+            )
+        out[spec.name] = _converted(array, spec, where)
+        if out[spec.name].dtype.kind in "fc" and not np.isfinite(out[spec.name]).all():
+            raise InvalidSamples(f"{where} contain NaN or Inf (in batch {index}); clean or drop those samples")
+    return out
+
+
+def _converted(array: np.ndarray, spec: ModelInput, where: str) -> np.ndarray:
+    if array.dtype == spec.dtype:
+        return np.ascontiguousarray(array)
+    if array.dtype.kind == "f" and spec.dtype.kind == "f":
+        return np.ascontiguousarray(array, dtype=spec.dtype)
+    raise InvalidSamples(
+        f"{where} have dtype {array.dtype}, but the model expects {spec.dtype}; convert them first "
+        "(e.g. images: scale to float as the model was trained)"
+    )
+
+
+def load_samples(path: str | os.PathLike) -> np.ndarray | dict[str, np.ndarray]:
+    """Read .npy (one array; memory-mapped, so large files stream) or .npz (one array per input)."""
+    path = os.fspath(path)
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as archive:
+                return {name: archive[name] for name in archive.files}
+        if path.endswith(".npy"):
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise InvalidSamples(f"no such samples file: {path}") from None
+    except ValueError as exc:
+        if any(word in str(exc) for word in ("pickle", "Object arrays", "Python objects")):
+            raise InvalidSamples(f"{path} holds pickled Python objects, which are never loaded; save plain numeric arrays") from None
+        raise InvalidSamples(f"{path} is not a readable NumPy file: {exc}") from None
+    except (OSError, EOFError) as exc:
+        raise InvalidSamples(f"{path} is not a readable NumPy file: {exc}") from None
+    raise InvalidSamples(f"{path}: samples must be a .npy (single-input models) or .npz (one array per input) file")

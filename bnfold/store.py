@@ -1,0 +1,71 @@
+"""Tensors that cross a stage cut, one array per (tensor, batch), in RAM up to a budget, else on disk.
+
+Stage-by-stage execution must keep every cut tensor for *all* samples until the next stages have
+read it, which grows with the sample count. Arrays beyond ``budget`` bytes are written as .npy
+files in a private temporary directory and read back (not memory-mapped, so they leave the
+process's resident set once dropped); peak RSS therefore stays near the budget plus one batch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+
+class TensorStore:
+    def __init__(self, budget: int, spill_dir: str | os.PathLike | None = None):
+        self.budget = budget
+        self._spill_parent = spill_dir
+        self._dir: str | None = None
+        self._memory: dict[tuple[str, int], np.ndarray] = {}
+        self._files: dict[tuple[str, int], str] = {}
+        self.bytes_in_memory = 0
+        self.peak_bytes_in_memory = 0
+        self.bytes_spilled = 0
+
+    def __enter__(self) -> TensorStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def put(self, name: str, batch: int, array: np.ndarray) -> None:
+        key = (name, batch)
+        if self.bytes_in_memory + array.nbytes <= self.budget:
+            self._memory[key] = array
+            self.bytes_in_memory += array.nbytes
+            self.peak_bytes_in_memory = max(self.peak_bytes_in_memory, self.bytes_in_memory)
+            return
+        path = os.path.join(self._spill_directory(), f"{len(self._files)}.npy")
+        np.save(path, array, allow_pickle=False)
+        self._files[key] = path
+        self.bytes_spilled += array.nbytes
+
+    def get(self, name: str, batch: int) -> np.ndarray:
+        key = (name, batch)
+        if key in self._memory:
+            return self._memory[key]
+        return np.load(self._files[key], allow_pickle=False)
+
+    def drop(self, name: str) -> None:
+        """Forget every batch of `name` (RAM and disk)."""
+        for key in [k for k in self._memory if k[0] == name]:
+            self.bytes_in_memory -= self._memory.pop(key).nbytes
+        for key in [k for k in self._files if k[0] == name]:
+            os.remove(self._files.pop(key))
+
+    def close(self) -> None:
+        self._memory.clear()
+        self._files.clear()
+        self.bytes_in_memory = 0
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def _spill_directory(self) -> str:
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="bnfold-spill-", dir=self._spill_parent)
+        return self._dir
