@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .recalibrate import recalibrate
-from .report import Report
+from .report import RECOMMENDED_MIN_SAMPLES, Report
 
 EPS = 1e-5
 N_SOURCE_TRAIN, N_SOURCE_TEST, N_CALIBRATION = 800, 300, 400  # the remaining 297 digits: new-lab evaluation
@@ -58,8 +58,8 @@ def load_digits_images() -> tuple[np.ndarray, np.ndarray]:
 def make_new_lab(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The same digits as another lab's scanner records them: ``(N, 1, 8, 8)`` → same shape, float32.
 
-    Under-exposed (40 % of the source contrast), slightly out of focus (3×3 blur) and noisier
-    (σ = 0.03 sensor noise), clipped to the sensor range [0, 1]. To the network this is mostly a
+    Under-exposed (30 % of the source contrast), slightly out of focus (3×3 blur) and noisier
+    (sensor noise σ = 0.02), clipped to the sensor range [0, 1]. To the network this is mostly a
     per-channel rescaling of its activations — what fresh BN statistics undo — while the lost
     detail and the noise are not, so recalibration helps a lot but does not reach source accuracy.
     """
@@ -69,14 +69,14 @@ def make_new_lab(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     x = sum(k * padded[:, :, i : i + 8, :] for i, k in enumerate(kernel))
     padded = np.pad(x, ((0, 0), (0, 0), (0, 0), (1, 1)), mode="edge")
     x = sum(k * padded[:, :, :, i : i + 8] for i, k in enumerate(kernel))
-    x = 0.4 * x + rng.normal(0.0, 0.03, size=x.shape)
+    x = 0.3 * x + rng.normal(0.0, 0.02, size=x.shape)
     return np.clip(x, 0.0, 1.0).astype(np.float32)
 
 
 def _conv(x: np.ndarray, w: np.ndarray, stride: int) -> np.ndarray:
     """NumPy Conv with pad 1, no bias: ``(N, C, H, W)``, ``(K, C, 3, 3)`` → ``(N, K, H', W')`` float64."""
     windows = np.lib.stride_tricks.sliding_window_view(np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1))), (3, 3), axis=(2, 3))
-    return np.einsum("nchwij,kcij->nkhw", windows[:, :, ::stride, ::stride], w)
+    return np.einsum("nchwij,kcij->nkhw", windows[:, :, ::stride, ::stride], w, optimize=True)
 
 
 def _bn_relu(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -95,6 +95,7 @@ def build_demo_model(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarr
     their ``*_labels`` (int64). Splits are disjoint and drawn with ``seed``.
     """
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
     rng = np.random.default_rng(seed)
     images, labels = load_digits_images()
@@ -110,7 +111,10 @@ def build_demo_model(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarr
     # BN statistics of the source lab, measured over the whole training split (what training leaves behind).
     h1, *stats1 = _bn_relu(_conv(split["source_train"].astype(np.float64), w1, stride=1))
     h2, *stats2 = _bn_relu(_conv(h1, w2, stride=2))
-    head = LogisticRegression(C=0.1, max_iter=2000).fit(h2.reshape(len(h2), -1), split["source_train_labels"])
+    # One BLAS thread: on a small shared CPU, multi-threaded BLAS on these tiny matrices spin-waits
+    # and turns a 0.1 s fit into several seconds.
+    with threadpool_limits(limits=1, user_api="blas"):
+        head = LogisticRegression(C=0.1, max_iter=2000).fit(h2.reshape(len(h2), -1), split["source_train_labels"])
 
     params = {"conv1.weight": w1, "conv2.weight": w2, "fc.weight": head.coef_, "fc.bias": head.intercept_}
     for i, (mean, var) in ((1, stats1), (2, stats2)):
@@ -212,6 +216,11 @@ def _print(console: Console, demo: DemoResult, report: Report) -> None:
     layer_warnings = [f"{layer.name}: {w}" for layer in report.layers for w in layer.warnings]
     for warning in dict.fromkeys(report.warnings + layer_warnings):  # de-duplicated, in order
         console.print(f"[yellow]warning:[/yellow] {warning}")
+    if report.warnings and report.samples < RECOMMENDED_MIN_SAMPLES:
+        # Expected here: digits has only 1797 images. Spatial positions pool into each channel, so the
+        # statistics are still well determined (in this demo, 50 images already give the same accuracy).
+        fewest = min(layer.count for layer in report.layers)
+        console.print(f"[dim](expected: the digits data set is small; each channel still pools ≥ {fewest:,} values)[/dim]")
 
     gain = 100 * (demo.after_accuracy - demo.before_accuracy)
     console.print(

@@ -66,11 +66,12 @@ class Moments:
         s1 = np.zeros(channels)
         s2 = np.zeros(channels)
         step = max(1, _BLOCK_ELEMENTS // max(1, channels * rows.shape[2]))
+        block = np.empty((min(step, n), channels, rows.shape[2]))
         for start in range(0, n, step):
-            block = rows[start : start + step].astype(np.float64)
-            block -= shift
-            s1 += block.sum(axis=(0, 2))
-            s2 += np.einsum("ncl,ncl->c", block, block)
+            part = block[: min(step, n - start)]
+            np.subtract(rows[start : start + step], shift, out=part)  # cast + centre in one pass
+            s1 += np.einsum("ncl->c", part)
+            s2 += np.einsum("ncl,ncl->c", part, part)
         mean_shifted = s1 / per_channel
         m2 = np.maximum(s2 - s1 * mean_shifted, 0.0)
         return cls(per_channel, shift[0, :, 0] + mean_shifted, m2)
