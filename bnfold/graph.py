@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import UnsupportedModel
+from .errors import NoBatchNorm, UnsupportedModel
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -145,6 +145,18 @@ def find_batchnorms(model: onnx.ModelProto) -> list[BatchNorm]:
     for index, node in enumerate(graph.node):
         if is_batchnorm(node):
             found.append(_read_batchnorm(node, index, names[index], constants, consumed))
+    return found
+
+
+def require_batchnorms(model: onnx.ModelProto) -> list[BatchNorm]:
+    """`find_batchnorms`, raising `NoBatchNorm` with export advice when there are none."""
+    found = find_batchnorms(model)
+    if not found:
+        raise NoBatchNorm(
+            "the model has no BatchNormalization node. It was probably folded into the convolutions "
+            "at export: PyTorch folds BN in eval-mode export; keep it with torch.onnx.export(..., "
+            "training=torch.onnx.TrainingMode.PRESERVE, dynamo=False)."
+        )
     return found
 
 

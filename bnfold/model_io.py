@@ -21,14 +21,7 @@ MAX_MODEL_BYTES = 2 * 2**30
 
 def load_model(source: str | os.PathLike | bytes) -> onnx.ModelProto:
     """Parse and check a model given as a path or as the file's bytes."""
-    if isinstance(source, bytes):
-        data = source
-    else:
-        try:
-            with open(source, "rb") as f:
-                data = f.read(MAX_MODEL_BYTES + 1)
-        except OSError as exc:
-            raise InvalidModel(f"cannot read model file {os.fspath(source)}: {exc.strerror}") from None
+    data = source if isinstance(source, bytes) else read_model_bytes(source)
     if len(data) > MAX_MODEL_BYTES:
         raise InvalidModel("the model is larger than 2 GiB; bnfold takes self-contained models only")
     model = onnx.ModelProto()
@@ -40,6 +33,15 @@ def load_model(source: str | os.PathLike | bytes) -> onnx.ModelProto:
         raise InvalidModel("not an ONNX model (no graph or no opset_import); is this the right file?")
     check_model(model)
     return model
+
+
+def read_model_bytes(path: str | os.PathLike) -> bytes:
+    """The file's bytes, reading at most one byte past the size limit."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(MAX_MODEL_BYTES + 1)
+    except OSError as exc:
+        raise InvalidModel(f"cannot read model file {os.fspath(path)}: {exc.strerror}") from None
 
 
 def check_model(model: onnx.ModelProto) -> None:

@@ -25,7 +25,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from . import graph as g
-from .errors import InvalidOptions, NoBatchNorm, UnsupportedModel
+from .errors import InvalidOptions, UnsupportedModel
 from .model_io import check_model
 from .report import RECOMMENDED_MIN_SAMPLES, LayerReport, Report, shift_score
 from .samples import Samples, iter_batches, model_inputs
@@ -69,13 +69,7 @@ def recalibrate(
     started = time.perf_counter()
     check_model(model)
     work, notes = _with_private_statistics(model, g.find_batchnorms(model))
-    batchnorms = g.find_batchnorms(work)
-    if not batchnorms:
-        raise NoBatchNorm(
-            "the model has no BatchNormalization node. It was probably folded into the convolutions "
-            "at export: PyTorch folds BN in eval-mode export; keep it with torch.onnx.export(..., "
-            "training=torch.onnx.TrainingMode.PRESERVE, dynamo=False)."
-        )
+    batchnorms = g.require_batchnorms(work)
     notes += _subgraph_batchnorm_notes(work)
     plan = g.plan_stages(work, batchnorms)
     runner = _StageRunner(work, plan, providers, progress)
@@ -133,7 +127,12 @@ class _StageRunner:
         names = self.plan.outputs[s]
         t0 = time.perf_counter()
         run_feeds = {t: feeds[t] for t in self.plan.inputs[s]}
-        values = dict(zip(names, session.run(names, run_feeds))) if names else {}
+        try:
+            values = dict(zip(names, session.run(names, run_feeds))) if names else {}
+        except Exception as exc:  # ORT's error types are not a public hierarchy
+            raise UnsupportedModel(
+                f"ONNX Runtime failed running the model (BN level {s}, batch {b}): {_first_line(exc)}"
+            ) from None
         t1 = time.perf_counter()
         for x in self.plan.measure[s]:
             batch_moments = Moments.of(values[x] if x in values else feeds[x])
@@ -155,7 +154,7 @@ class _StageRunner:
             self.types.setdefault(name, _type_of(value))
         stage = g.stage_model(self.model, self.plan, s, self.types, self.overrides)
         try:
-            return ort.InferenceSession(stage.SerializeToString(), providers=self.providers)
+            return ort.InferenceSession(stage.SerializeToString(), _quiet_options(), providers=self.providers)
         except Exception as exc:  # ORT raises several unrelated types; all mean "cannot run this"
             raise UnsupportedModel(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from None
 
@@ -177,6 +176,12 @@ class _NoNodes:
 
     def run(self, names, feeds):
         return []
+
+
+def _quiet_options() -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # failures surface as one BnfoldError, not as ORT's log lines too
+    return options
 
 
 def _type_of(value: np.ndarray) -> tuple[int, int]:

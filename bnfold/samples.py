@@ -19,7 +19,7 @@ import onnx
 from .errors import InvalidOptions, InvalidSamples
 
 Batch = np.ndarray | Mapping[str, np.ndarray]
-Samples = np.ndarray | Mapping[str, np.ndarray] | Iterable[Batch]
+Samples = np.ndarray | Mapping[str, np.ndarray] | Iterable[Batch]  # or an NpyFile (see load_samples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,7 @@ def iter_batches(samples: Samples, inputs: list[ModelInput], batch_size: int) ->
         raise InvalidOptions(f"batch_size must be ≥ 1, got {batch_size}")
     fixed = inputs[0].dims[0] if inputs and inputs[0].dims else None
     size = fixed or batch_size  # a model exported with a static batch size only runs that size
-    if isinstance(samples, np.ndarray) or isinstance(samples, Mapping):
+    if isinstance(samples, (np.ndarray, NpyFile, Mapping)):
         whole = _as_mapping(samples, inputs)
         total = _sample_count(whole)
         if total == 0:
@@ -83,10 +83,14 @@ def _as_mapping(batch: Batch, inputs: list[ModelInput]) -> dict[str, np.ndarray]
             raise InvalidSamples(f"samples have no array for model input(s) {missing}; inputs are {names}")
         if unknown:
             raise InvalidSamples(f"samples name {unknown}, which are not model inputs; inputs are {names}")
-        return {n: np.asarray(batch[n]) for n in names}
+        return {n: _array(batch[n]) for n in names}
     if len(names) != 1:
         raise InvalidSamples(f"the model has {len(names)} inputs {names}: give one array per input name (.npz)")
-    return {names[0]: np.asarray(batch)}
+    return {names[0]: _array(batch)}
+
+
+def _array(value) -> np.ndarray | NpyFile:
+    return value if isinstance(value, NpyFile) else np.asarray(value)
 
 
 def _sample_count(batch: Mapping[str, np.ndarray]) -> int:
@@ -146,15 +150,57 @@ def _converted(array: np.ndarray, spec: ModelInput, where: str) -> np.ndarray:
     )
 
 
-def load_samples(path: str | os.PathLike) -> np.ndarray | dict[str, np.ndarray]:
-    """Read .npy (one array; memory-mapped, so large files stream) or .npz (one array per input)."""
+class NpyFile:
+    """A C-order .npy file read slice by slice along axis 0.
+
+    Not memory-mapped on purpose: pages of a mapping that have been read count towards the
+    process's resident set until unmapped, so RSS would grow with the sample count. Here each
+    slice is read into a fresh array that is freed with its batch.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            self.shape, fortran_order, self.dtype = read_header(f)
+            self._offset = f.tell()
+            size = os.fstat(f.fileno()).st_size
+        if self.dtype.hasobject:
+            raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+        if fortran_order or not self.shape:
+            raise ValueError("the array is Fortran-ordered or 0-d; save a C-order array of shape (N, ...)")
+        self._row = self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
+        if size < self._offset + self._row * self.shape[0]:
+            raise ValueError(f"the file is truncated ({size} bytes for an array of shape {self.shape})")
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise IndexError("NpyFile reads contiguous row ranges only")
+        out = np.empty((max(stop - start, 0), *self.shape[1:]), self.dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self._offset + start * self._row)
+            f.readinto(memoryview(out).cast("B"))
+        return out
+
+
+def load_samples(path: str | os.PathLike) -> NpyFile | dict[str, np.ndarray]:
+    """Read .npy (one array, read lazily slice by slice) or .npz (one array per input name)."""
     path = os.fspath(path)
     try:
         if path.endswith(".npz"):
             with np.load(path, allow_pickle=False) as archive:
                 return {name: archive[name] for name in archive.files}
         if path.endswith(".npy"):
-            return np.load(path, mmap_mode="r", allow_pickle=False)
+            return NpyFile(path)
     except FileNotFoundError:
         raise InvalidSamples(f"no such samples file: {path}") from None
     except ValueError as exc:
