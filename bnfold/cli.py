@@ -16,15 +16,14 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import __version__
 from .errors import BnfoldError, InvalidOptions
-from .model_io import load_model
-from .recalibrate import DEFAULT_MEMORY_BUDGET, recalibrate
+from .pipeline import JobOptions, fold_file, recalibrate_files
 from .report import Report
-from .samples import load_samples
 
 app = typer.Typer(
     help="Recalibrate BatchNorm statistics of ONNX models on a new domain, exactly, and fold BN away.",
@@ -43,13 +42,19 @@ def main() -> None:
     app()
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"bnfold {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
-    if version:
-        out.print(f"bnfold {__version__}")
-        raise typer.Exit()
+    pass
 
 
 @app.command("recalibrate")
@@ -58,7 +63,7 @@ def recalibrate_command(
     samples: Annotated[Path, typer.Argument(help=".npy (single-input models) or .npz (one array per input name).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the recalibrated model.")],
     report: Annotated[Optional[Path], typer.Option("--report", help="Write the JSON report here.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per inference call.")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per inference call (≥ 1).")] = 64,
     memory_budget: Annotated[
         str, typer.Option("--memory-budget", help="RAM for tensors kept between BN levels (e.g. 512MiB, 2GiB); the rest spills to disk.")
     ] = "2GiB",
@@ -67,36 +72,35 @@ def recalibrate_command(
 ) -> None:
     """Recompute every BN's population mean/var on unlabeled samples of the new domain."""
     with _errors_to_exit():
-        budget = parse_bytes(memory_budget)
-        onnx_model = load_model(model)
-        data = load_samples(samples)
+        options = JobOptions(fold=fold, batch_size=batch_size, memory_budget=parse_bytes(memory_budget))
+        _check_writable(output, report)
         with _progress(quiet) as callback:
-            result = recalibrate(onnx_model, data, batch_size=batch_size, memory_budget=budget, progress=callback)
-        final = result.model
-        if fold:
-            final = _fold(final, result.report)
-        _write_atomic(output, final.SerializeToString())
-        if report is not None:
-            _write_atomic(report, result.report.to_json().encode())
+            job = recalibrate_files(model, samples, options, progress=callback)
+        _write_outputs(output, job, report)
         if not quiet:
-            _print_summary(result.report, output, report)
+            _print_summary(job.report, output, report)
 
 
-def _fold(model, report: Report):
-    # Folding lands with its own module; until then BN nodes stay and the report says so.
-    try:
-        from .fold import fold_batchnorms
-    except ImportError:
-        report.warnings.append("folding is not available in this version; BN nodes were kept")
-        return model
-    folded = fold_batchnorms(model)
-    report.extra["fold"] = folded.to_dict()
-    return folded.model
+@app.command("fold")
+def fold_command(
+    model: Annotated[Path, typer.Argument(help="ONNX model with BatchNormalization nodes.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the folded model.")],
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write the JSON report here.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
+) -> None:
+    """Fold BN into neighbouring layers without recalibrating (verified on random inputs)."""
+    with _errors_to_exit():
+        _check_writable(output, report)
+        job = fold_file(model)
+        _write_outputs(output, job, report)
+        if not quiet:
+            _print_fold(job.report)
+            out.print(f"wrote {output}")
 
 
 def parse_bytes(text: str) -> int:
     """'2GiB', '512MiB', '100MB', '0' → bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*((?:[KMGT]i?)?B?)\s*", text, re.IGNORECASE)
     if not match:
         raise InvalidOptions(f"cannot read memory budget '{text}': use e.g. 512MiB or 2GiB")
     number, unit = float(match.group(1)), (match.group(2) or "").upper().rstrip("B")
@@ -114,12 +118,13 @@ class _errors_to_exit:
         if exc is None or isinstance(exc, (typer.Exit, typer.Abort, KeyboardInterrupt)):
             return False
         if isinstance(exc, BnfoldError):
-            err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+            err.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
             raise typer.Exit(EXIT_BAD_INPUT)
         if isinstance(exc, OSError):
-            err.print(f"[bold red]error:[/] {exc.strerror or exc}: {exc.filename or ''}", highlight=False)
+            err.print(f"[bold red]error:[/] {escape(str(exc.strerror or exc))}: {escape(str(exc.filename or ''))}", highlight=False)
             raise typer.Exit(EXIT_BAD_INPUT)
-        err.print(f"[bold red]internal error[/] ({type(exc).__name__}: {exc}); please report this with the command you ran.", highlight=False)
+        detail = escape(f"{type(exc).__name__}: {exc}")
+        err.print(f"[bold red]internal error[/] ({detail}); please report this with the command you ran.", highlight=False)
         if os.environ.get("BNFOLD_DEBUG"):
             return False
         raise typer.Exit(EXIT_INTERNAL)
@@ -127,7 +132,8 @@ class _errors_to_exit:
 
 class _progress:
     def __init__(self, quiet: bool):
-        self.bar = None if quiet else Progress(
+        # Only on a terminal: elsewhere a bar is noise (and rich ends it with a stray blank line).
+        self.bar = None if quiet or not err.is_terminal else Progress(
             TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
             console=err, transient=True,
         )
@@ -145,16 +151,35 @@ class _progress:
         return False
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+def _check_writable(*paths: Path | None) -> None:
+    """Fail before the work, not after it, when an output cannot be written."""
+    for path in paths:
+        if path is not None and not Path(path).absolute().parent.is_dir():
+            raise InvalidOptions(f"cannot write {path}: directory {Path(path).absolute().parent} does not exist")
+
+
+def _write_outputs(model_path: Path, job, report_path: Path | None) -> None:
+    """Write model and report to temporary files, then rename both: all or nothing."""
+    pending = [(model_path, job.model.SerializeToString())]
+    if report_path is not None:
+        pending.append((report_path, job.report.to_json().encode()))
+    temps = []
+    current = model_path
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        for path, data in pending:
+            current = path
+            fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", dir=Path(path).absolute().parent)
+            temps.append(tmp)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        for (path, _), tmp in zip(pending, temps):
+            current = path
+            os.replace(tmp, path)
+    except OSError as exc:
+        raise InvalidOptions(f"cannot write {current}: {exc.strerror or exc}") from None
+    finally:
+        for tmp in temps:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def _print_summary(report: Report, output: Path, report_path: Path | None) -> None:
@@ -168,7 +193,19 @@ def _print_summary(report: Report, output: Path, report_path: Path | None) -> No
     out.print(table)
     for warning in report.warnings + [f"{l.name}: {w}" for l in report.layers for w in l.warnings]:
         out.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    _print_fold(report)
     out.print(f"wrote {output}" + (f" and {report_path}" if report_path else "") + f" in {report.timings.get('total', 0):.2f} s")
+
+
+def _print_fold(report: Report) -> None:
+    fold = report.extra.get("fold")
+    if fold:
+        counts = ", ".join(f"{n} {fate.replace('_', ' ')}" for fate, n in fold.get("counts", {}).items() if n)
+        out.print(f"folding: {counts}", highlight=False)
+    check = report.extra.get("verification")
+    if check:
+        worst = max((o["max_abs"] for o in check.get("outputs", [])), default=0.0)
+        out.print(f"verified against the unfolded model: max |Δ| = {worst:.3g} over all outputs", highlight=False)
 
 
 @app.command("demo")
@@ -182,6 +219,27 @@ def demo_command(
 
         out_dir.mkdir(parents=True, exist_ok=True)
         run_demo(out_dir, seed=seed, console=out)
+
+
+@app.command("serve")
+def serve_command(
+    host: Annotated[str, typer.Option(help="Address to bind; without BNFOLD_API_KEYS only loopback is allowed.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+) -> None:
+    """Run the HTTP jobs API (needs the 'service' extra). Configured by BNFOLD_* variables; see service/README.md."""
+    try:
+        from service.core.config import ConfigError
+        from service.main import serve
+    except ImportError as exc:
+        err.print(f"[bold red]error:[/] the service needs extra packages ({exc.name} is missing): pip install 'bnfold[service]'", highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    from pydantic import ValidationError
+
+    try:
+        serve(host, port)
+    except (ConfigError, ValidationError) as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":
