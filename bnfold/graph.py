@@ -277,7 +277,29 @@ def stage_model(
         stage_graph, opset_imports=model.opset_import, ir_version=model.ir_version
     )
     stage.functions.extend(model.functions)
+    _type_outputs(stage)
     return stage
+
+
+def _type_outputs(stage: onnx.ModelProto) -> None:
+    """Give the outputs their inferred types, so the stage is a checker-valid model.
+
+    ONNX Runtime runs untyped outputs too, so where inference cannot tell (custom ops) they stay
+    untyped rather than failing."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(stage)
+    except Exception:  # noqa: BLE001 - inference is best effort here; ORT infers at load anyway
+        return
+    known = {
+        v.name: v.type
+        for v in list(inferred.graph.value_info) + list(inferred.graph.output)
+        if v.type.tensor_type.elem_type and v.type.tensor_type.HasField("shape")
+    }
+    for output in stage.graph.output:
+        if output.name in known:
+            output.type.CopyFrom(known[output.name])
+            for dim in output.type.tensor_type.shape.dim:
+                dim.Clear()  # rank only: inferred static sizes need not hold for every batch
 
 
 def _type_and_shape(elem_rank: tuple[int, int]) -> tuple[int, list[None]]:

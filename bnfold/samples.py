@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
@@ -54,6 +55,13 @@ def iter_batches(samples: Samples, inputs: list[ModelInput], batch_size: int) ->
     """Validated batches {input name: array}; arrays of a batch share axis 0 (the sample axis)."""
     if batch_size < 1:
         raise InvalidOptions(f"batch_size must be ≥ 1, got {batch_size}")
+    if samples is None or isinstance(samples, (str, bytes, os.PathLike, np.generic)) or not (
+        isinstance(samples, (np.ndarray, NpyFile, Mapping)) or hasattr(samples, "__iter__")
+    ):
+        raise InvalidSamples(
+            f"samples must be an array, a dict of arrays or an iterable of batches, not {type(samples).__name__}; "
+            "to read a file use bnfold.samples.load_samples(path)"
+        )
     fixed = inputs[0].dims[0] if inputs and inputs[0].dims else None
     size = fixed or batch_size  # a model exported with a static batch size only runs that size
     if isinstance(samples, (np.ndarray, NpyFile, Mapping)):
@@ -195,6 +203,9 @@ class NpyFile:
 def load_samples(path: str | os.PathLike) -> NpyFile | dict[str, np.ndarray]:
     """Read .npy (one array, read lazily slice by slice) or .npz (one array per input name)."""
     path = os.fspath(path)
+    if path.endswith(".npz") and os.path.isfile(path) and not zipfile.is_zipfile(path):
+        # np.load falls back to unpickling files it does not recognise; say what it really is
+        raise InvalidSamples(f"{path} is not a readable NumPy .npz file (not a zip archive)")
     try:
         if path.endswith(".npz"):
             with np.load(path, allow_pickle=False) as archive:

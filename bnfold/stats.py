@@ -58,7 +58,7 @@ class Moments:
         if x.ndim < 2:
             raise ValueError(f"expected a tensor of shape (N, C, ...), got shape {x.shape}")
         n, channels = x.shape[:2]
-        rows = np.ascontiguousarray(x).reshape(n, channels, -1)  # (N, C, L)
+        rows = np.ascontiguousarray(x).reshape(n, channels, int(np.prod(x.shape[2:], dtype=np.int64)))  # (N, C, L)
         per_channel = n * rows.shape[2]
         if per_channel == 0:
             return cls.empty(channels)

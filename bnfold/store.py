@@ -22,6 +22,7 @@ class TensorStore:
         self._dir: str | None = None
         self._memory: dict[tuple[str, int], np.ndarray] = {}
         self._files: dict[tuple[str, int], str] = {}
+        self._spills = 0  # only ever grows: a file name is never reused after a drop
         self.bytes_in_memory = 0
         self.peak_bytes_in_memory = 0
         self.bytes_spilled = 0
@@ -39,7 +40,8 @@ class TensorStore:
             self.bytes_in_memory += array.nbytes
             self.peak_bytes_in_memory = max(self.peak_bytes_in_memory, self.bytes_in_memory)
             return
-        path = os.path.join(self._spill_directory(), f"{len(self._files)}.npy")
+        self._spills += 1
+        path = os.path.join(self._spill_directory(), f"{self._spills}.npy")
         np.save(path, array, allow_pickle=False)
         self._files[key] = path
         self.bytes_spilled += array.nbytes
