@@ -51,15 +51,14 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 from google.protobuf.message import EncodeError
-from onnx import helper, numpy_helper, shape_inference
+from onnx import helper, shape_inference
 
 from .errors import VerificationFailed
+from .graph import DEFAULT_DOMAINS, subgraph_batchnorms
+from .graph_edit import EditableGraph
 
 Fate = Literal["folded_backward", "folded_forward", "affine", "kept"]
 FATES: tuple[str, ...] = ("folded_backward", "folded_forward", "affine", "kept")
-
-_DEFAULT_DOMAINS = ("", "ai.onnx")
-_LARGE = 1024  # elements: initializers above this are stood in for by typed inputs during inference
 
 
 @dataclasses.dataclass
@@ -127,11 +126,11 @@ def fold_batchnorms(model: onnx.ModelProto) -> FoldResult:
     """
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
-    graph = _Graph(folded)
+    graph = EditableGraph(folded)
     decisions = [_fold_one(graph, bn) for bn in graph.batchnorms()]
     decisions += [
         FoldDecision(_label(bn), "kept", None, "inside an If/Loop/Scan body; only the main graph is folded")
-        for bn in _subgraph_batchnorms(folded.graph)
+        for bn in subgraph_batchnorms(folded.graph)
     ]
     removed = graph.finish()
     warnings = _check(folded, model)
@@ -141,7 +140,7 @@ def fold_batchnorms(model: onnx.ModelProto) -> FoldResult:
 # --------------------------------------------------------------------------- per-BN decision
 
 
-def _fold_one(g: _Graph, bn: onnx.NodeProto) -> FoldDecision:
+def _fold_one(g: EditableGraph, bn: onnx.NodeProto) -> FoldDecision:
     name = _label(bn)
     try:
         aff = _bn_affine(g, bn)
@@ -161,7 +160,7 @@ def _fold_one(g: _Graph, bn: onnx.NodeProto) -> FoldDecision:
     return FoldDecision(name, "affine", None, "replaced by Mul + Add (" + "; ".join(reasons) + ")")
 
 
-def _bn_affine(g: _Graph, bn: onnx.NodeProto) -> _Affine:
+def _bn_affine(g: EditableGraph, bn: onnx.NodeProto) -> _Affine:
     attrs = _attrs(bn)
     if attrs.get("training_mode", 0):
         raise _Skip("training_mode=1: the BN normalises with batch statistics, not an affine map")
@@ -190,13 +189,13 @@ def _bn_affine(g: _Graph, bn: onnx.NodeProto) -> _Affine:
 # --------------------------------------------------------------------------- backward rules
 
 
-def _fold_backward(g: _Graph, bn: onnx.NodeProto, aff: _Affine) -> tuple[str, str]:
+def _fold_backward(g: EditableGraph, bn: onnx.NodeProto, aff: _Affine) -> tuple[str, str]:
     x = bn.input[0]
     producer = g.producer(x)
     if producer is None:
         raise _Skip("its input is a graph input or a constant")
     _sole_use(g, x, bn, "its input")
-    rule = _BACKWARD.get(producer.op_type) if producer.domain in _DEFAULT_DOMAINS else None
+    rule = _BACKWARD.get(producer.op_type) if producer.domain in DEFAULT_DOMAINS else None
     if rule is None:
         raise _Skip(f"its producer {producer.op_type} is not Conv, ConvTranspose, Gemm or MatMul")
     how = rule(g, bn, producer, aff)
@@ -204,8 +203,8 @@ def _fold_backward(g: _Graph, bn: onnx.NodeProto, aff: _Affine) -> tuple[str, st
     return _label(producer), how
 
 
-def _backward_conv(g: _Graph, bn, conv, aff: _Affine) -> str:
-    w = g.require_const(conv.input[1], "the Conv weight")
+def _backward_conv(g: EditableGraph, bn, conv, aff: _Affine) -> str:
+    w = _require_const(g, conv.input[1], "the Conv weight")
     if w.shape[0] != aff.channels:
         raise _Skip(f"Conv has {w.shape[0]} output channels, the BN {aff.channels}")
     w64 = w.astype(np.float64) * _along(aff.a, 0, w.ndim)
@@ -214,8 +213,8 @@ def _backward_conv(g: _Graph, bn, conv, aff: _Affine) -> str:
     return "output channels of W scaled by a, bias = a·bias + b"
 
 
-def _backward_conv_transpose(g: _Graph, bn, conv, aff: _Affine) -> str:
-    w = g.require_const(conv.input[1], "the ConvTranspose weight")
+def _backward_conv_transpose(g: EditableGraph, bn, conv, aff: _Affine) -> str:
+    w = _require_const(g, conv.input[1], "the ConvTranspose weight")
     group = int(_attrs(conv).get("group", 1))
     c_in, per_group, kernel = w.shape[0], w.shape[1], w.shape[2:]
     if group * per_group != aff.channels or c_in % group:
@@ -228,23 +227,21 @@ def _backward_conv_transpose(g: _Graph, bn, conv, aff: _Affine) -> str:
     return f"W (C_in, M/group, k…) scaled along axis 1 per group (group={group}), bias = a·bias + b"
 
 
-def _backward_bias(g: _Graph, conv, aff: _Affine) -> np.ndarray:
-    if _third(conv):
-        bias = g.require_const(conv.input[2], f"the {conv.op_type} bias")
-        return bias.astype(np.float64).reshape(-1) * aff.a + aff.b
-    return aff.b.copy()
+def _backward_bias(g: EditableGraph, conv, aff: _Affine) -> np.ndarray:
+    bias = _third_const(g, conv, f"the {conv.op_type} bias")
+    return aff.b.copy() if bias is None else bias.astype(np.float64).reshape(-1) * aff.a + aff.b
 
 
-def _backward_gemm(g: _Graph, bn, gemm, aff: _Affine) -> str:
+def _backward_gemm(g: EditableGraph, bn, gemm, aff: _Affine) -> str:
     attrs = _attrs(gemm)
-    w = g.require_const(gemm.input[1], "Gemm's B")
+    w = _require_const(g, gemm.input[1], "Gemm's B")
     trans_b = bool(attrs.get("transB", 0))
     n = w.shape[0] if trans_b else w.shape[1]
     if n != aff.channels:
         raise _Skip(f"Gemm has {n} output columns, the BN {aff.channels}")
     w64 = w.astype(np.float64) * (aff.a[:, None] if trans_b else aff.a[None, :])
     beta = float(attrs.get("beta", 1.0))
-    c = _gemm_c(g, gemm)
+    c = _third_const(g, gemm, "Gemm's C")
     # C' = a·(β·C) + b: expanding a broadcast C (scalar, (N,), (1,N), (M,1)) by the product.
     c64 = aff.b if c is None or beta == 0 else beta * c.astype(np.float64) * aff.a + aff.b
     _rewrite(g, gemm, w64, c64)
@@ -253,9 +250,9 @@ def _backward_gemm(g: _Graph, bn, gemm, aff: _Affine) -> str:
     return "columns of B' scaled by a, C = a·β·C + b, β = 1"
 
 
-def _backward_matmul(g: _Graph, bn, matmul, aff: _Affine) -> str:
+def _backward_matmul(g: EditableGraph, bn, matmul, aff: _Affine) -> str:
     w = _matmul_weight(g, bn, matmul, aff)
-    g.ensure_broadcast_ops()
+    _require_broadcasting(g)
     w_new, b_new = _cast(w.astype(np.float64) * aff.a, w.dtype), _cast(aff.b, w.dtype)
     matmul.input[1] = g.add_initializer(w_new, matmul.input[1])
     new_b = g.add_initializer(b_new, bn.input[2] or "bias")
@@ -264,13 +261,13 @@ def _backward_matmul(g: _Graph, bn, matmul, aff: _Affine) -> str:
     return "columns of W scaled by a; the shift b became an Add"
 
 
-def _backward_add(g: _Graph, bn, add, aff: _Affine) -> str:
+def _backward_add(g: EditableGraph, bn, add, aff: _Affine) -> str:
     """MatMul(X, W) → Add(·, c) → BN, the ONNX export of Linear → BatchNorm1d."""
     k = next((i for i in (0, 1) if g.const(add.input[1 - i]) is not None), None)
     if k is None:
         raise _Skip("its producer Add has no constant operand")
     matmul = g.producer(add.input[k])
-    if matmul is None or matmul.op_type != "MatMul" or matmul.domain not in _DEFAULT_DOMAINS:
+    if matmul is None or matmul.op_type != "MatMul" or matmul.domain not in DEFAULT_DOMAINS:
         raise _Skip("its producer Add does not add a constant to a MatMul")
     _sole_use(g, add.input[k], add, "the MatMul output")
     w = _matmul_weight(g, bn, matmul, aff)
@@ -284,8 +281,8 @@ def _backward_add(g: _Graph, bn, add, aff: _Affine) -> str:
     return f"columns of W scaled by a in {_label(matmul)}, Add constant = a·c + b"
 
 
-def _matmul_weight(g: _Graph, bn, matmul, aff: _Affine) -> np.ndarray:
-    w = g.require_const(matmul.input[1], "the MatMul weight")
+def _matmul_weight(g: EditableGraph, bn, matmul, aff: _Affine) -> np.ndarray:
+    w = _require_const(g, matmul.input[1], "the MatMul weight")
     if w.ndim != 2 or w.shape[1] != aff.channels:
         raise _Skip(f"the MatMul weight has shape {list(w.shape)}, not (K, {aff.channels})")
     # BN normalises axis 1; that is MatMul's feature axis only for a rank-2 product. An X of
@@ -307,7 +304,7 @@ _BACKWARD = {
 # --------------------------------------------------------------------------- forward rules
 
 
-def _fold_forward(g: _Graph, bn: onnx.NodeProto, aff: _Affine) -> tuple[str, str]:
+def _fold_forward(g: EditableGraph, bn: onnx.NodeProto, aff: _Affine) -> tuple[str, str]:
     y = bn.output[0]
     if y in g.graph_outputs:
         raise _Skip("its output is a graph output")
@@ -317,7 +314,7 @@ def _fold_forward(g: _Graph, bn: onnx.NodeProto, aff: _Affine) -> tuple[str, str
     node = users[0]
     if list(node.input).count(y) != 1 or node.input[0] != y:
         raise _Skip(f"its output is not only the data input of {node.op_type}")
-    rule = _FORWARD.get(node.op_type) if node.domain in _DEFAULT_DOMAINS else None
+    rule = _FORWARD.get(node.op_type) if node.domain in DEFAULT_DOMAINS else None
     if rule is None:
         raise _Skip(f"its consumer {node.op_type} is not Conv or Gemm")
     how = rule(g, node, aff)
@@ -326,9 +323,9 @@ def _fold_forward(g: _Graph, bn: onnx.NodeProto, aff: _Affine) -> tuple[str, str
     return _label(node), how
 
 
-def _forward_conv(g: _Graph, conv, aff: _Affine) -> str:
+def _forward_conv(g: EditableGraph, conv, aff: _Affine) -> str:
     attrs = _attrs(conv)
-    w = g.require_const(conv.input[1], "the Conv weight")
+    w = _require_const(g, conv.input[1], "the Conv weight")
     group = int(attrs.get("group", 1))
     m, per_group, kernel = w.shape[0], w.shape[1], w.shape[2:]
     if group * per_group != aff.channels or m % group:
@@ -339,22 +336,17 @@ def _forward_conv(g: _Graph, conv, aff: _Affine) -> str:
     ag, bg = aff.a.reshape(group, 1, per_group, 1), aff.b.reshape(group, per_group)
     shift = np.einsum("gmck,gc->gm", wg, bg).reshape(m)
     w64 = (wg * ag).reshape(w.shape)
-    bias = _forward_bias(g, conv, m) + shift
-    _rewrite(g, conv, w64, bias)
+    bias = _third_const(g, conv, "the Conv bias")
+    bias64 = np.zeros(m) if bias is None else bias.astype(np.float64).reshape(-1)
+    _rewrite(g, conv, w64, bias64 + shift)
     return f"input channels of W scaled by a per group (group={group}), bias += W·b"
 
 
-def _forward_bias(g: _Graph, conv, m: int) -> np.ndarray:
-    if _third(conv):
-        return g.require_const(conv.input[2], "the Conv bias").astype(np.float64).reshape(-1)
-    return np.zeros(m)
-
-
-def _forward_gemm(g: _Graph, gemm, aff: _Affine) -> str:
+def _forward_gemm(g: EditableGraph, gemm, aff: _Affine) -> str:
     attrs = _attrs(gemm)
     if attrs.get("transA", 0):
         raise _Skip("Gemm has transA=1, so the BN channels are its output rows")
-    w = g.require_const(gemm.input[1], "Gemm's B")
+    w = _require_const(g, gemm.input[1], "Gemm's B")
     trans_b = bool(attrs.get("transB", 0))
     k = w.shape[1] if trans_b else w.shape[0]
     if k != aff.channels:
@@ -364,7 +356,7 @@ def _forward_gemm(g: _Graph, gemm, aff: _Affine) -> str:
     shift = float(attrs.get("alpha", 1.0)) * (aff.b @ b_prime)
     w64 = w64 * (aff.a[None, :] if trans_b else aff.a[:, None])
     beta = float(attrs.get("beta", 1.0))
-    c = _gemm_c(g, gemm)
+    c = _third_const(g, gemm, "Gemm's C")
     c64 = shift if c is None or beta == 0 else beta * c.astype(np.float64) + shift
     _rewrite(g, gemm, w64, c64)
     _drop_beta(gemm)
@@ -377,7 +369,7 @@ _FORWARD = {"Conv": _forward_conv, "Gemm": _forward_gemm}
 # --------------------------------------------------------------------------- affine fallback
 
 
-def _to_affine(g: _Graph, bn: onnx.NodeProto, aff: _Affine) -> None:
+def _to_affine(g: EditableGraph, bn: onnx.NodeProto, aff: _Affine) -> None:
     x = bn.input[0]
     rank = g.rank(x)
     if rank is None or rank < 2:
@@ -385,7 +377,7 @@ def _to_affine(g: _Graph, bn: onnx.NodeProto, aff: _Affine) -> None:
     dtype = g.dtype(x) or (g.const(bn.input[1]).dtype if g.opset < 15 else None)
     if dtype is None:
         raise _Skip("the element type of its input is unknown")
-    g.ensure_broadcast_ops()
+    _require_broadcasting(g)
     shape = (aff.channels,) + (1,) * (rank - 2)  # broadcasts over axis 1 only
     a, b = _cast(aff.a.reshape(shape), dtype), _cast(aff.b.reshape(shape), dtype)
     a_name = g.add_initializer(a, (bn.input[1] or "scale") + "_a")
@@ -404,7 +396,7 @@ def _third(node: onnx.NodeProto) -> str | None:
     return node.input[2] if len(node.input) > 2 and node.input[2] else None
 
 
-def _rewrite(g: _Graph, node, w64: np.ndarray, bias64: np.ndarray) -> None:
+def _rewrite(g: EditableGraph, node, w64: np.ndarray, bias64: np.ndarray) -> None:
     """New initializers for input 1 (weight) and input 2 (bias or C, created when absent)."""
     weight, third = node.input[1], _third(node)
     # Cast both before touching the node so an overflow leaves the graph as it was.
@@ -424,8 +416,21 @@ def _drop_beta(gemm: onnx.NodeProto) -> None:
     gemm.attribute.extend(kept)
 
 
-def _gemm_c(g: _Graph, gemm) -> np.ndarray | None:
-    return None if _third(gemm) is None else g.require_const(gemm.input[2], "Gemm's C")
+def _require_const(g: EditableGraph, name: str, what: str) -> np.ndarray:
+    value = g.const(name)
+    if value is None:
+        raise _Skip(f"{what} {name!r} is not a constant")
+    return value
+
+
+def _require_broadcasting(g: EditableGraph) -> None:
+    if g.opset < 7:
+        raise _Skip(f"opset {g.opset} < 7 has no multidirectional broadcasting for Add/Mul")
+
+
+def _third_const(g: EditableGraph, node, what: str) -> np.ndarray | None:
+    """The value of the optional third input (Conv bias, Gemm C); None when absent."""
+    return None if _third(node) is None else _require_const(g, node.input[2], what)
 
 
 def _cast(values: np.ndarray, dtype) -> np.ndarray:
@@ -455,7 +460,7 @@ def _pads(attrs: dict) -> bool:
     return any(attrs.get("pads", []))
 
 
-def _sole_use(g: _Graph, name: str, user, what: str) -> None:
+def _sole_use(g: EditableGraph, name: str, user, what: str) -> None:
     if name in g.graph_outputs:
         raise _Skip(f"{what} {name!r} is also a graph output")
     users = g.consumers(name)
@@ -472,34 +477,6 @@ def _label(node: onnx.NodeProto) -> str:
     return node.name or f"{node.op_type}({node.output[0] if node.output else ''})"
 
 
-def _subgraphs(node: onnx.NodeProto):
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
-
-
-def _subgraph_batchnorms(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    found = []
-    for node in graph.node:
-        for sub in _subgraphs(node):
-            found += [n for n in sub.node if n.op_type == "BatchNormalization"]
-            found += _subgraph_batchnorms(sub)
-    return found
-
-
-def _names_used_in(graph: onnx.GraphProto) -> set[str]:
-    """Every name a subgraph reads (over-approximates its outer-scope references)."""
-    used = set()
-    for node in graph.node:
-        used.update(node.input)
-        for sub in _subgraphs(node):
-            used |= _names_used_in(sub)
-    used.update(o.name for o in graph.output)
-    return used
-
-
 def _check(folded: onnx.ModelProto, original: onnx.ModelProto) -> list[str]:
     try:
         onnx.checker.check_model(folded, full_check=True)
@@ -512,204 +489,6 @@ def _check(folded: onnx.ModelProto, original: onnx.ModelProto) -> list[str]:
         except (onnx.checker.ValidationError, shape_inference.InferenceError) as err0:
             return [f"the input model already fails onnx.checker: {str(err0).splitlines()[0]}"]
         raise VerificationFailed(f"the folded model fails onnx.checker ({err}); this is a bnfold bug") from err
-
-
-# --------------------------------------------------------------------------- graph bookkeeping
-
-
-class _Graph:
-    """The main graph as a mutable node list plus constant/shape lookups."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
-        self.graph = model.graph
-        self.opset = next(
-            (o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS), onnx.defs.onnx_opset_version()
-        )
-        # Before IR 4 every initializer is also listed as an input, yet it is a constant.
-        self.legacy_inputs = model.ir_version < 4
-        self.nodes = [self._copy(n) for n in self.graph.node]
-        self.graph_outputs = {o.name for o in self.graph.output}
-        input_names = {i.name for i in self.graph.input}
-        self.inits = {
-            t.name: t for t in self.graph.initializer if self.legacy_inputs or t.name not in input_names
-        }
-        self._arrays: dict[str, np.ndarray] = {}
-        self._sub_refs = {id(n): frozenset().union(*map(_names_used_in, _subgraphs(n))) for n in self.nodes}
-        self.used_before = self._used()
-        self.names = self._all_names()
-        self.types = _value_types(model)
-        self._fresh_count = 0
-
-    @staticmethod
-    def _copy(node):
-        out = onnx.NodeProto()
-        out.CopyFrom(node)
-        return out
-
-    def _all_names(self) -> set[str]:
-        names = {v.name for v in [*self.graph.input, *self.graph.output, *self.graph.value_info]}
-        names |= {t.name for t in self.graph.initializer}
-        for node in self.nodes:
-            names.update(node.input, node.output, [node.name])
-            names |= self._sub_refs[id(node)]
-        return names
-
-    def batchnorms(self) -> list[onnx.NodeProto]:
-        return [n for n in self.nodes if n.op_type == "BatchNormalization" and n.domain in _DEFAULT_DOMAINS]
-
-    def uses(self, node) -> set[str]:
-        return set(node.input) | self._sub_refs.get(id(node), frozenset())
-
-    def consumers(self, name: str) -> list[onnx.NodeProto]:
-        return [n for n in self.nodes if name in self.uses(n)]
-
-    def producer(self, name: str) -> onnx.NodeProto | None:
-        node = next((n for n in self.nodes if name in n.output), None)
-        return None if node is None or node.op_type == "Constant" else node
-
-    def const(self, name: str) -> np.ndarray | None:
-        if name in self._arrays:
-            return self._arrays[name]
-        value = None
-        if name in self.inits:
-            value = numpy_helper.to_array(self.inits[name])
-        else:
-            node = next((n for n in self.nodes if name in n.output), None)
-            if node is not None and node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
-                value = _constant_value(node)
-        if value is not None:
-            self._arrays[name] = value
-        return value
-
-    def require_const(self, name: str, what: str) -> np.ndarray:
-        value = self.const(name)
-        if value is None:
-            raise _Skip(f"{what} {name!r} is not a constant")
-        return value
-
-    def rank(self, name: str) -> int | None:
-        if (value := self.const(name)) is not None:
-            return value.ndim
-        return self.types.get(name, (None, None))[1]
-
-    def dtype(self, name: str) -> np.dtype | None:
-        elem = self.types.get(name, (None, None))[0]
-        return np.dtype(helper.tensor_dtype_to_np_dtype(elem)) if elem else None
-
-    def fresh(self, base: str) -> str:
-        name = base
-        while name in self.names:
-            self._fresh_count += 1
-            name = f"{base}__{self._fresh_count}"
-        self.names.add(name)
-        return name
-
-    def add_initializer(self, value: np.ndarray, base: str) -> str:
-        name = self.fresh(f"{base}_bnfold")
-        tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
-        self.graph.initializer.append(tensor)
-        self.inits[name] = tensor
-        self._arrays[name] = value
-        if self.legacy_inputs:
-            self.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, value.shape))
-        return name
-
-    def ensure_broadcast_ops(self) -> None:
-        if self.opset < 7:
-            raise _Skip(f"opset {self.opset} < 7 has no multidirectional broadcasting for Add/Mul")
-
-    def _index(self, node) -> int:
-        # by identity: NodeProto == compares whole messages
-        return next(i for i, n in enumerate(self.nodes) if n is node)
-
-    def insert_before(self, anchor, node) -> None:
-        self.nodes.insert(self._index(anchor), node)
-
-    def remove(self, node) -> None:
-        del self.nodes[self._index(node)]
-
-    def _used(self) -> set[str]:
-        used = set(self.graph_outputs)
-        for node in self.nodes:
-            used |= self.uses(node)
-        return used
-
-    def finish(self) -> list[str]:
-        """Write the node list back; drop constants that folding left unused. Returns their names."""
-        used = self._used()
-        dead = [n for n in self.nodes if n.op_type == "Constant" and n.output[0] in self.used_before - used]
-        for node in dead:
-            self.remove(node)
-        removed = sorted({t.name for t in self.graph.initializer if t.name in self.used_before - used})
-        removed += sorted(n.output[0] for n in dead)
-        gone = set(removed)
-        _drop(self.graph.initializer, lambda t: t.name in gone)
-        if self.legacy_inputs:
-            _drop(self.graph.input, lambda v: v.name in gone)
-        del self.graph.node[:]
-        self.graph.node.extend(self.nodes)
-        defined = {v.name for v in self.graph.input} | {t.name for t in self.graph.initializer}
-        defined |= {o for n in self.nodes for o in n.output}
-        _drop(self.graph.value_info, lambda v: v.name not in defined)
-        return removed
-
-
-def _drop(repeated, predicate) -> None:
-    # in place, from the back: copying out the kept items would copy every weight
-    for i in reversed([i for i, item in enumerate(repeated) if predicate(item)]):
-        del repeated[i]
-
-
-def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
-    for attr in node.attribute:
-        if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
-        if attr.name == "value_float":
-            return np.asarray(attr.f, np.float32)
-        if attr.name == "value_floats":
-            return np.asarray(attr.floats, np.float32)
-        if attr.name == "value_int":
-            return np.asarray(attr.i, np.int64)
-        if attr.name == "value_ints":
-            return np.asarray(attr.ints, np.int64)
-    return None  # sparse or string constants are never weights
-
-
-def _value_types(model: onnx.ModelProto) -> dict[str, tuple[int | None, int | None]]:
-    """name → (elem_type, rank) from ONNX shape inference; empty where inference fails."""
-    try:
-        inferred = shape_inference.infer_shapes(_without_weights(model), strict_mode=False)
-    except Exception:  # noqa: BLE001 - custom ops or >2 GiB: fold with less information
-        inferred = model
-    types = {}
-    g = inferred.graph
-    for vi in [*g.input, *g.output, *g.value_info]:
-        t = vi.type.tensor_type
-        if vi.type.HasField("tensor_type"):
-            types[vi.name] = (t.elem_type or None, len(t.shape.dim) if t.HasField("shape") else None)
-    return types
-
-
-def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy for shape inference in which large initializers are graph inputs of the same type.
-
-    Inference reads only the values of small (shape-like) constants; serialising every weight
-    into it would dominate the time to fold a large model.
-    """
-    light = onnx.ModelProto(ir_version=model.ir_version)
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
-    source, graph = model.graph, light.graph
-    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
-        getattr(graph, field).extend(getattr(source, field))
-    declared = {v.name for v in source.input}
-    for t in source.initializer:
-        if np.prod(t.dims, dtype=np.int64) <= _LARGE:
-            graph.initializer.append(t)
-        elif t.name not in declared:
-            graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    return light
 
 
 __all__ = ["FATES", "Fate", "FoldDecision", "FoldResult", "fold_batchnorms"]

@@ -17,7 +17,7 @@ Only nodes upstream of some BN input run at all: classifier heads after the last
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -80,23 +80,49 @@ def is_constant_node(node: onnx.NodeProto) -> bool:
     return node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS
 
 
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The bodies of If / Loop / Scan (any GRAPH or GRAPHS attribute)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def subgraph_batchnorms(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The BatchNormalization nodes inside the If / Loop / Scan bodies of `graph`, at any depth."""
+    found = []
+    for node in graph.node:
+        for sub in subgraphs(node):
+            found += [inner for inner in sub.node if is_batchnorm(inner)]
+            found += subgraph_batchnorms(sub)
+    return found
+
+
+def constant_node_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The value of a `Constant` node as a tensor named like its output (None: not numeric)."""
+    if not is_constant_node(node) or len(node.attribute) != 1:
+        return None
+    attr = node.attribute[0]
+    if attr.name == "value":
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(attr.t)
+    elif attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
+        value = np.asarray(onnx.helper.get_attribute_value(attr))
+        tensor = numpy_helper.from_array(value.astype(np.float32 if "float" in attr.name else np.int64))
+    else:  # sparse / string constants never feed BN statistics or foldable weights
+        return None
+    tensor.name = node.output[0]
+    return tensor
+
+
 def constant_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     """Tensors known without running the graph: initializers and the values of `Constant` nodes."""
     tensors = {t.name: t for t in graph.initializer}
     for node in graph.node:
-        if not is_constant_node(node) or len(node.attribute) != 1:
-            continue
-        attr = node.attribute[0]
-        if attr.name == "value":
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(attr.t)
-        elif attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
-            value = np.asarray(onnx.helper.get_attribute_value(attr))
-            tensor = numpy_helper.from_array(value.astype(np.float32 if "float" in attr.name else np.int64))
-        else:  # sparse / string constants never feed BN statistics
-            continue
-        tensor.name = node.output[0]
-        tensors[tensor.name] = tensor
+        tensor = constant_node_tensor(node)
+        if tensor is not None:
+            tensors[tensor.name] = tensor
     return tensors
 
 
@@ -107,10 +133,8 @@ def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
 def node_inputs(node: onnx.NodeProto) -> list[str]:
     """Every tensor a node reads: its inputs plus outer-scope names used inside its subgraphs."""
     names = [name for name in node.input if name]
-    for attr in node.attribute:
-        subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for sub in subgraphs:
-            names.extend(_outer_scope_names(sub))
+    for sub in subgraphs(node):
+        names.extend(_outer_scope_names(sub))
     return names
 
 
@@ -255,15 +279,18 @@ def stage_model(
     s: int,
     input_types: dict[str, tuple[int, int]],
     overrides: dict[str, onnx.TensorProto],
+    replacements: dict[int, onnx.NodeProto] | None = None,
 ) -> onnx.ModelProto:
     """A standalone model running stage s: its inputs are cut tensors, its outputs `plan.outputs[s]`.
 
     ``input_types`` maps each cut tensor / graph input to (onnx elem type, rank), observed from the
     arrays that actually flow, so no shape inference over the whole model is needed.
-    ``overrides`` replaces constant tensors by name: the new statistics of BNs already measured.
+    ``overrides`` replaces (or adds) constant tensors by name: the new statistics of BNs already
+    measured. ``replacements`` swaps graph.node[i] for another node computing the same output.
     """
     graph = model.graph
-    nodes = [graph.node[i] for i in plan.nodes[s]]
+    replacements = replacements or {}
+    nodes = [replacements.get(i, graph.node[i]) for i in plan.nodes[s]]
     initializers = constant_tensors(graph) | overrides
     read = list(dict.fromkeys(t for node in nodes for t in node_inputs(node)))
     stage_graph = onnx.helper.make_graph(

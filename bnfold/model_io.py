@@ -14,6 +14,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import InvalidModel
+from .graph import subgraphs
 
 #: protobuf cannot serialise a model above 2 GiB; larger ones need external data, which we refuse.
 MAX_MODEL_BYTES = 2 * 2**30
@@ -67,8 +68,8 @@ def _all_tensors(graph: onnx.GraphProto):
             if attr.type == onnx.AttributeProto.TENSOR:
                 yield attr.t
             yield from attr.tensors
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                yield from _all_tensors(sub)
+        for sub in subgraphs(node):
+            yield from _all_tensors(sub)
 
 
 def sha256(model: onnx.ModelProto) -> str:

@@ -15,12 +15,40 @@ of the samples into batches gives the same result up to float64 rounding.
 from __future__ import annotations
 
 import dataclasses
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 # Elements converted to float64 at a time: small enough to stay in cache, large enough to amortise
 # the Python loop. 256 K elements = 2 MiB of float64.
 _BLOCK_ELEMENTS = 1 << 18
+# Tensors above this many elements per thread are reduced on several threads.
+_PARALLEL_ELEMENTS = 1 << 20
+_THREADS = min(4, os.cpu_count() or 1)
+_executor: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(_THREADS, thread_name_prefix="bnfold-stats")
+    return _executor
+
+
+def _shifted_sums(rows: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel Σ(x−K) and Σ(x−K)² in float64 over rows (n, C, L); K = shift (1, C, 1)."""
+    n, channels, length = rows.shape
+    s1 = np.zeros(channels)
+    s2 = np.zeros(channels)
+    step = max(1, _BLOCK_ELEMENTS // max(1, channels * length))
+    block = np.empty((min(step, n), channels, length))
+    for start in range(0, n, step):
+        part = block[: min(step, n - start)]
+        np.subtract(rows[start : start + step], shift, out=part)  # cast + centre in one pass
+        s1 += np.einsum("ncl->c", part)
+        s2 += np.einsum("ncl,ncl->c", part, part)
+    return s1, s2
 
 
 @dataclasses.dataclass
@@ -63,15 +91,15 @@ class Moments:
         if per_channel == 0:
             return cls.empty(channels)
         shift = rows[0].mean(axis=1, dtype=np.float64)[None, :, None]
-        s1 = np.zeros(channels)
-        s2 = np.zeros(channels)
-        step = max(1, _BLOCK_ELEMENTS // max(1, channels * rows.shape[2]))
-        block = np.empty((min(step, n), channels, rows.shape[2]))
-        for start in range(0, n, step):
-            part = block[: min(step, n - start)]
-            np.subtract(rows[start : start + step], shift, out=part)  # cast + centre in one pass
-            s1 += np.einsum("ncl->c", part)
-            s2 += np.einsum("ncl,ncl->c", part, part)
+        # Large tensors are split by samples over a few threads (NumPy releases the GIL in these
+        # loops); the partial sums are added in a fixed order, so the result does not depend on
+        # thread timing.
+        parts = min(_THREADS, max(1, rows.size // _PARALLEL_ELEMENTS), n)
+        bounds = np.linspace(0, n, parts + 1).astype(int)
+        pieces = [rows[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+        sums = list(_pool().map(_shifted_sums, pieces, [shift] * parts)) if parts > 1 else [_shifted_sums(rows, shift)]
+        s1 = sum(p[0] for p in sums)
+        s2 = sum(p[1] for p in sums)
         mean_shifted = s1 / per_channel
         m2 = np.maximum(s2 - s1 * mean_shifted, 0.0)
         return cls(per_channel, shift[0, :, 0] + mean_shifted, m2)

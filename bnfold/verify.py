@@ -46,10 +46,13 @@ DISCRETE_FLIP_FRACTION = 1e-3
 # 16-bit types: 2^11·u ≈ 1 would accept anything, and ONNX Runtime's CPU kernels accumulate
 # float16 in float32, leaving about one rounding per layer output and per folded weight: 2^5·u
 # (≈1.6e-2 float16, 0.125 bfloat16). atol only matters for outputs that are ≈ 0 everywhere:
-# it treats output scales below 2^-10 as 2^-10.
+# it treats output scales below 2^-10 as 2^-10 — 2^-4 for 16-bit types, whose roundings follow the
+# terms *before* a cancellation or Relu (an output of 0.004 made of terms of 0.2 carries their
+# 1e-4 rounding; found by the property tests).
 _ULPS = {np.dtype(np.float64): 2**11, np.dtype(np.float32): 2**11, np.dtype(np.float16): 2**5}
 _BFLOAT16_U = 2.0**-8
 _ATOL_SCALE = 2.0**-10
+_ATOL_SCALE_16BIT = 2.0**-4
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -76,7 +79,7 @@ def default_tolerance(dtype: Any) -> tuple[float, float]:
         rtol = _ULPS[dtype] * float(np.finfo(dtype).eps) / 2
     else:
         return 0.0, 0.0
-    return rtol, rtol * _ATOL_SCALE
+    return rtol, rtol * (_ATOL_SCALE_16BIT if dtype.itemsize == 2 else _ATOL_SCALE)
 
 
 @dataclasses.dataclass
