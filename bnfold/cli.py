@@ -57,10 +57,15 @@ def _root(
     pass
 
 
+def _image_option(name: str, help: str):
+    return typer.Option(name, help=help, rich_help_panel="Image samples (folder or archive)")
+
+
 @app.command("recalibrate")
 def recalibrate_command(
     model: Annotated[Path, typer.Argument(help="ONNX model with BatchNormalization nodes.")],
-    samples: Annotated[Path, typer.Argument(help=".npy (single-input models) or .npz (one array per input name).")],
+    samples: Annotated[Path, typer.Argument(help=".npy (single-input models), .npz (one array per input name), or a folder / "
+                                               ".zip / .tar(.gz) of PNG, JPEG, BMP or TIFF images.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the recalibrated model.")],
     report: Annotated[Optional[Path], typer.Option("--report", help="Write the JSON report here.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per inference call (≥ 1).")] = 64,
@@ -69,10 +74,28 @@ def recalibrate_command(
     ] = "2GiB",
     fold: Annotated[bool, typer.Option("--fold/--no-fold", help="Fold BN into neighbouring layers (--no-fold: only BN mean/var change).")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    preprocess: Annotated[Optional[Path], _image_option("--preprocess", "JSON preprocessing spec; the flags below override its fields, "
+                                                        "which override the spec the model carries.")] = None,
+    resize: Annotated[Optional[str], _image_option("--resize", "Shorter side (256) or exact HxW (224x320).")] = None,
+    crop: Annotated[Optional[str], _image_option("--crop", "Center crop: 224 or HxW; zero-pads if larger.")] = None,
+    color: Annotated[Optional[str], _image_option("--color", "rgb, grey or keep (the decoded channels).")] = None,
+    channels: Annotated[Optional[str], _image_option("--channels", "Channels to keep, in order, e.g. 2,1,0 for BGR.")] = None,
+    scale: Annotated[Optional[str], _image_option("--scale", "Pixel multiplier: auto (1/255, 1/65535 by depth), 1/255, 0.5 ...")] = None,
+    mean: Annotated[Optional[str], _image_option("--mean", "Per-channel mean after scaling, e.g. 0.485,0.456,0.406.")] = None,
+    std: Annotated[Optional[str], _image_option("--std", "Per-channel std, e.g. 0.229,0.224,0.225.")] = None,
+    layout: Annotated[Optional[str], _image_option("--layout", "NCHW or NHWC.")] = None,
+    interpolation: Annotated[Optional[str], _image_option("--interpolation", "bilinear (default), nearest, bicubic, box, hamming, lanczos.")] = None,
+    on_bad_image: Annotated[str, _image_option("--on-bad-image", "fail on an unreadable or mismatched image, or skip it (listed in the report).")] = "fail",
 ) -> None:
     """Recompute every BN's population mean/var on unlabeled samples of the new domain."""
     with _errors_to_exit():
-        options = JobOptions(fold=fold, batch_size=batch_size, memory_budget=parse_bytes(memory_budget))
+        from .preprocess import overrides_from_text
+
+        spec = overrides_from_text(
+            None if preprocess is None else str(preprocess), resize=resize, center_crop=crop, color=color, channels=channels,
+            scale=scale, mean=mean, std=std, layout=layout, interpolation=interpolation)
+        options = JobOptions(fold=fold, batch_size=batch_size, memory_budget=parse_bytes(memory_budget),
+                             preprocess=spec, on_bad_image=on_bad_image)
         _check_writable(output, report)
         with _progress(quiet) as callback:
             job = recalibrate_files(model, samples, options, progress=callback)
@@ -193,8 +216,18 @@ def _print_summary(report: Report, output: Path, report_path: Path | None) -> No
     out.print(table)
     for warning in report.warnings + [f"{l.name}: {w}" for l in report.layers for w in l.warnings]:
         out.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    _print_images(report)
     _print_fold(report)
     out.print(f"wrote {output}" + (f" and {report_path}" if report_path else "") + f" in {report.timings.get('total', 0):.2f} s")
+
+
+def _print_images(report: Report) -> None:
+    images = report.extra.get("images")
+    if images:
+        out.print(f"images: {images['used']} used, {images['skipped_count']} skipped, {images['ignored_count']} other "
+                  f"files ignored (preprocessing from {images['spec_origin']})", highlight=False)
+        for entry in images["skipped"][:5]:
+            out.print(f"[yellow]skipped[/] {escape(entry['name'])}: {escape(entry['reason'])}", highlight=False)
 
 
 def _print_fold(report: Report) -> None:
@@ -231,7 +264,8 @@ def serve_command(
         from service.core.config import ConfigError
         from service.main import serve
     except ImportError as exc:
-        err.print(f"[bold red]error:[/] the service needs extra packages ({exc.name} is missing): pip install 'bnfold[service]'", highlight=False)
+        err.print(f"[bold red]error:[/] cannot start the service ({exc}); install it with: pip install 'bnfold\\[service]'",
+                  highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT)
     from pydantic import ValidationError
 

@@ -117,7 +117,7 @@ def recalibrate_files(
 
 def _image_samples(model: onnx.ModelProto, path, options: JobOptions) -> tuple[ImageSamples | None, str | None]:
     """ImageSamples when `path` is a folder/archive of images (by content); the spec's origin."""
-    from .images import is_image_source
+    from .image_sources import is_image_source
 
     if not is_image_source(path):
         if options.preprocess is not None:
