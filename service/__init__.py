@@ -1,0 +1,1 @@
+"""The bnfold recalibration service: an HTTP jobs API over `bnfold.pipeline` (see README.md)."""

@@ -1,0 +1,261 @@
+"""/v1/jobs: submit, inspect, download, cancel and list recalibration jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import shutil
+import time
+import uuid
+from typing import Annotated, Any
+
+from anyio import to_thread
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import ValidationError
+
+from bnfold.pipeline import JobOptions, precheck
+
+from ... import crud
+from ...db import FINAL, JobRow, utcnow
+from ...errors import InvalidRequest, NotReady, PayloadTooLarge, ServiceError, problem_responses, validation_errors
+from ...schemas import Job, JobList, JobOptionsIn, JobState
+from ...storage import REPORT_FILE, RESULT_FILE, Limits, Storage, Upload, receive_upload
+from ..deps import MetricsDep, Owner, SessionDep, SettingsDep, StorageDep, SupervisorDep
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+MULTIPART_OVERHEAD = 1 << 20  # headers, boundaries and the options part, on top of the two files
+WAIT_DOC = "Block up to this many seconds (capped by the server's max_wait); 200 if the job finished by then."
+
+UPLOAD_BODY = {
+    "required": True,
+    "content": {"multipart/form-data": {
+        "schema": {
+            "type": "object",
+            "required": ["model", "samples"],
+            "additionalProperties": False,
+            "properties": {
+                "model": {"type": "string", "format": "binary",
+                          "description": "The ONNX model (self-contained, with BatchNormalization nodes)."},
+                "samples": {"type": "string", "format": "binary",
+                            "description": "Unlabeled samples of the new domain: .npy (single-input models) "
+                                           "or .npz (one array per input name)."},
+                "options": {"$ref": "#/components/schemas/JobOptionsIn"},
+            },
+        },
+        "encoding": {"options": {"contentType": "application/json"}},
+    }},
+}
+
+
+@router.post(
+    "", operation_id="createJob", status_code=202, response_model=Job, openapi_extra={"requestBody": UPLOAD_BODY},
+    responses={
+        200: {"model": Job, "description": "The job finished within ?wait seconds."},
+        202: {"description": "Queued (or still running when ?wait ran out).",
+              "headers": {"Location": {"description": "URL of the job.", "schema": {"type": "string"}}}},
+        **problem_responses(401, 413, 415, 422, 429),
+    },
+)
+async def create_job(
+    request: Request, owner: Owner, settings: SettingsDep, session: SessionDep, storage: StorageDep,
+    supervisor: SupervisorDep, metrics: MetricsDep,
+    wait: Annotated[float | None, Query(ge=0, le=3600, description=WAIT_DOC)] = None,
+) -> Response:
+    """Upload a model and samples; the job is checked (422 for unusable input) and queued."""
+    await to_thread.run_sync(crud.check_capacity, session, settings.max_queued_jobs, settings.workers)
+    _refuse_oversized_body(request, settings)
+    job_id = uuid.uuid4().hex
+    upload, options = await _receive_checked(request, storage.new_upload_dir(job_id), settings, metrics)
+    row = _new_row(job_id, owner, upload, options)
+    try:
+        storage.admit(upload, job_id)
+        await to_thread.run_sync(crud.admit_job, session, row, settings.max_queued_jobs, settings.workers)
+    except BaseException:
+        storage.remove_job(job_id)
+        raise
+    supervisor.wake()
+    if wait:
+        row = await _wait_until_final(session, row, min(wait, settings.max_wait))
+    status = 200 if row.state in FINAL else 202
+    body = to_resource(row, storage, with_report=status == 200).model_dump(mode="json")
+    return JSONResponse(body, status_code=status, headers={"Location": body["url"]})
+
+
+@router.get("", operation_id="listJobs", response_model=JobList, responses=problem_responses(401, 422))
+def list_jobs(
+    owner: Owner, session: SessionDep, storage: StorageDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=512, description="next_cursor of the previous page.")] = None,
+    state: Annotated[JobState | None, Query()] = None,
+) -> JobList:
+    """This API key's jobs, newest first."""
+    page = crud.list_jobs(session, owner, limit, cursor, state)
+    return JobList(items=[to_resource(row, storage) for row in page.rows], next_cursor=page.next_cursor)
+
+
+@router.get("/{job_id}", operation_id="getJob", response_model=Job, responses=problem_responses(401, 404, 422))
+def get_job(job_id: str, owner: Owner, session: SessionDep, storage: StorageDep) -> Job:
+    """State, progress, timings; the report when it succeeded, the error when it failed."""
+    return to_resource(crud.get_job(session, job_id, owner), storage, with_report=True)
+
+
+@router.get(
+    "/{job_id}/model", operation_id="getJobModel", response_class=FileResponse,
+    responses={
+        200: {"description": "The recalibrated (and folded) ONNX model.",
+              "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+              "headers": {"ETag": {"description": "Quoted sha256 of the file.", "schema": {"type": "string"}}}},
+        304: {"description": "If-None-Match matched: the copy the client has is current."},
+        **problem_responses(401, 404, 409, 422),
+    },
+)
+def get_job_model(
+    job_id: str, owner: Owner, session: SessionDep, storage: StorageDep, metrics: MetricsDep,
+    if_none_match: Annotated[str | None, Header(max_length=1024)] = None,
+) -> Response:
+    """Download the result; ETag is the sha256 of the file."""
+    row = _succeeded(crud.get_job(session, job_id, owner))
+    etag = f'"{row.result_sha256}"'
+    if if_none_match and (if_none_match.strip() == "*" or etag in [t.strip() for t in if_none_match.split(",")]):
+        return Response(status_code=304, headers={"ETag": etag})
+    metrics.bytes_out.labels("model").inc(row.result_bytes or 0)
+    filename = (row.model_filename or "model.onnx").rsplit(".", 1)[0] + ".bnfold.onnx"
+    return FileResponse(_artifact(storage, row, RESULT_FILE), media_type="application/octet-stream", filename=filename,
+                        headers={"ETag": etag, "Cache-Control": "private, no-cache"})
+
+
+@router.get(
+    "/{job_id}/report", operation_id="getJobReport",
+    responses={
+        200: {"description": "The recalibration report (per BN layer: old/new statistics, shift scores; totals; timings).",
+              "content": {"application/json": {"schema": {"type": "object"}}}},
+        **problem_responses(401, 404, 409, 422),
+    },
+)
+def get_job_report(job_id: str, owner: Owner, session: SessionDep, storage: StorageDep, metrics: MetricsDep) -> Response:
+    """The JSON report of a succeeded job."""
+    row = _succeeded(crud.get_job(session, job_id, owner))
+    path = _artifact(storage, row, REPORT_FILE)
+    metrics.bytes_out.labels("report").inc(path.stat().st_size)
+    return FileResponse(path, media_type="application/json")
+
+
+@router.delete(
+    "/{job_id}", operation_id="deleteJob", response_model=Job,
+    responses={200: {"description": "The job was queued or running: it is now cancelled and its files deleted."},
+               204: {"description": "The job had already ended: it and its files are deleted."},
+               **problem_responses(401, 404, 422)},
+)
+def delete_job(job_id: str, owner: Owner, session: SessionDep, storage: StorageDep, supervisor: SupervisorDep) -> Response:
+    """Cancel a queued or running job (its process is stopped within a second), or delete an ended one."""
+    row = crud.get_job(session, job_id, owner)
+    previous = crud.cancel_job(session, row)
+    if previous is None:
+        crud.delete_job(session, row)
+        storage.remove_job(row.id)
+        return Response(status_code=204)
+    if previous == "queued":
+        storage.remove_job(row.id)
+    supervisor.wake()  # a running job's process is stopped and its files removed by the supervisor
+    return JSONResponse(to_resource(row, storage).model_dump(mode="json"))
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def to_resource(row: JobRow, storage: Storage, with_report: bool = False) -> Job:
+    url = f"/v1/jobs/{row.id}"
+    now = utcnow()
+    report = None
+    if with_report and row.state == "succeeded":
+        try:
+            report = json.loads((storage.job_dir(row.id) / REPORT_FILE).read_text())
+        except (OSError, ValueError):
+            report = None
+    return Job.model_validate({
+        "id": row.id, "state": row.state, "url": url, "attempts": row.attempts, "options": row.options,
+        "created_at": _utc(row.created_at), "started_at": _utc(row.started_at), "finished_at": _utc(row.finished_at),
+        "progress": {"stage": row.stage, "fraction": min(1.0, max(0.0, row.fraction))},
+        "timings": {"queued_s": _seconds(row.created_at, row.started_at or row.finished_at or now),
+                    "running_s": _seconds(row.started_at, row.finished_at or now) if row.started_at else None},
+        "inputs": {"model": {"filename": row.model_filename, "bytes": row.model_bytes},
+                   "samples": {"filename": row.samples_filename, "bytes": row.samples_bytes}},
+        "result": {"model_url": f"{url}/model", "report_url": f"{url}/report", "model_sha256": row.result_sha256,
+                   "model_bytes": row.result_bytes} if row.state == "succeeded" else None,
+        "report": report, "error": row.error if row.state == "failed" else None,
+    })
+
+
+async def _receive_checked(request: Request, directory, settings, metrics) -> tuple[Upload, dict[str, Any]]:
+    """Stream the upload to disk, parse the options, and run the core's cheap precheck (in a thread)."""
+    try:
+        limits = Limits(int(settings.max_model_bytes), int(settings.max_samples_bytes))
+        upload = await receive_upload(request.stream(), request.headers.get("content-type"), directory, limits)
+        metrics.bytes_in.labels("model").inc(upload.model_bytes)
+        metrics.bytes_in.labels("samples").inc(upload.samples_bytes)
+        options = _parse_options(upload.options)
+        JobOptions(**options)  # the core's own checks (InvalidOptions → 422)
+        await to_thread.run_sync(precheck, upload.model_path, upload.samples_path)
+        return upload, options
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def _parse_options(raw: bytes | None) -> dict[str, Any]:
+    try:
+        return JobOptionsIn.model_validate_json(raw or b"{}").model_dump()
+    except ValidationError as exc:
+        errors = validation_errors(exc.errors(include_url=False), prefix="options")
+        raise InvalidRequest("; ".join(f"{e['field']}: {e['message']}" for e in errors), field=errors[0]["field"],
+                             errors=errors) from None
+
+
+def _refuse_oversized_body(request: Request, settings) -> None:
+    """413 before reading anything when Content-Length already says the body cannot fit."""
+    limit = int(settings.max_model_bytes) + int(settings.max_samples_bytes) + MULTIPART_OVERHEAD
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"the request body is {length} bytes; model and samples together may be at most "
+                              f"{limit} bytes", field="body")
+
+
+def _new_row(job_id: str, owner: str, upload: Upload, options: dict[str, Any]) -> JobRow:
+    return JobRow(
+        id=job_id, owner=owner, state="queued", stage="queued", fraction=0.0, options=options,
+        model_filename=upload.model_filename, samples_filename=upload.samples_filename,
+        samples_file=upload.samples_file, model_bytes=upload.model_bytes, samples_bytes=upload.samples_bytes,
+        created_at=utcnow(), attempts=0,
+    )
+
+
+async def _wait_until_final(session, row: JobRow, seconds: float) -> JobRow:
+    deadline, pause = time.monotonic() + seconds, 0.02
+    while row.state not in FINAL and time.monotonic() < deadline:
+        await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(0.25, pause * 1.5)
+        row = await to_thread.run_sync(crud.reload_job, session, row.id) or row
+    return row
+
+
+def _succeeded(row: JobRow) -> JobRow:
+    if row.state != "succeeded":
+        raise NotReady(f"job {row.id} is {row.state}; a result exists only once it has succeeded", field="job_id")
+    return row
+
+
+def _artifact(storage: Storage, row: JobRow, name: str):
+    path = storage.job_dir(row.id) / name
+    if not path.is_file():
+        raise ServiceError(f"the {name} of job {row.id} is missing from the data directory")
+    return path
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    return value.replace(tzinfo=dt.UTC) if value is not None else None
+
+
+def _seconds(start: dt.datetime | None, end: dt.datetime | None) -> float | None:
+    return round((end - start).total_seconds(), 3) if start and end else None

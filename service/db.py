@@ -1,0 +1,82 @@
+"""The job table (SQLAlchemy 2) and its engine: embedded SQLite by default, any SQLAlchemy URL otherwise.
+
+The table is the queue: a job is a row whose ``state`` moves queued → running → succeeded | failed
+| cancelled (or back to queued when the server running it went away). A supervisor claims a row with
+a conditional UPDATE (``… WHERE id = ? AND state = 'queued'``), which exactly one replica wins on
+SQLite and on PostgreSQL alike. Timestamps are naive UTC. The schema is created on start-up
+(``create_all``); there are no migrations yet.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Engine, Float, Index, Integer, String, create_engine, event
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+ACTIVE = ("queued", "running")
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_owner_created", "owner", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))  # sha256 of the API key; the key itself is never stored
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    stage: Mapped[str] = mapped_column(String(200), default="queued")
+    fraction: Mapped[float] = mapped_column(Float, default=0.0)
+    options: Mapped[dict[str, Any]] = mapped_column(JSON)
+    model_filename: Mapped[str | None] = mapped_column(String(255))
+    samples_filename: Mapped[str | None] = mapped_column(String(255))
+    samples_file: Mapped[str] = mapped_column(String(32))  # stored name: samples.npy or samples.npz
+    model_bytes: Mapped[int] = mapped_column(BigInteger)
+    samples_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # who runs it: the supervisor instance (one per server process), its host and pid, the job's pid
+    supervisor_id: Mapped[str | None] = mapped_column(String(32))
+    supervisor_host: Mapped[str | None] = mapped_column(String(255))
+    supervisor_pid: Mapped[int | None] = mapped_column(Integer)
+    worker_pid: Mapped[int | None] = mapped_column(Integer)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    result_sha256: Mapped[str | None] = mapped_column(String(64))
+    result_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+def make_engine(url: str) -> Engine:
+    """Engine with the table created. SQLite gets WAL and a busy timeout so API threads, the
+    supervisor thread and a restarted server can share the file."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    Base.metadata.create_all(engine)
+    return engine
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()

@@ -1,0 +1,105 @@
+"""The bnfold recalibration service: `create_app(settings)` and `serve(host, port)` (``bnfold serve``).
+
+A thin HTTP layer over `bnfold.pipeline`: routes parse requests, the core does the work in child
+processes run by `service.worker.JobSupervisor`, and `service.errors` maps failures to
+problem+json. Nothing happens at import or in `create_app`; the store, the data directory and the
+supervisor come up in the app's lifespan (so generating the OpenAPI file touches nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import sys
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from anyio import to_thread
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import SecretStr
+
+from . import errors
+from .api.routes import health, info, jobs
+from .core.config import ConfigError, Settings, is_loopback
+from .db import make_engine, make_sessionmaker
+from .job import run_job
+from .logs import RequestContext, logging_config
+from .metrics import Metrics
+from .storage import Storage
+from .worker import JobSupervisor
+
+API_VERSION = "1.0"
+log = logging.getLogger("bnfold.service")
+
+
+def create_app(settings: Settings, *, job_target: Callable = run_job) -> FastAPI:
+    """The ASGI app. `job_target` is the function each job process runs (tests substitute one that
+    can be held or crashed on demand); it must be importable by name from a child process."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not settings.api_keys:
+            log.warning("no API keys configured: every /v1 request will be refused (401)")
+        storage = Storage(settings.data_dir)
+        storage.prepare()
+        engine = make_engine(settings.resolved_database_url)
+        sessions = make_sessionmaker(engine)
+        app.state.storage, app.state.sessions = storage, sessions
+        app.state.metrics = Metrics(sessions)
+        app.state.supervisor = JobSupervisor(settings, sessions, storage, app.state.metrics, job_target)
+        app.state.supervisor.start()
+        log.info("bnfold service started", extra={"data_dir": str(storage.root), "workers": settings.workers,
+                                                  "database": engine.url.render_as_string(hide_password=True)})
+        try:
+            yield
+        finally:
+            await to_thread.run_sync(app.state.supervisor.stop)
+            engine.dispose()
+
+    app = FastAPI(
+        title="bnfold recalibration service", version=API_VERSION, lifespan=lifespan, redoc_url=None,
+        description="Recalibrate BatchNorm statistics of ONNX models on a new domain, exactly, then fold BN. "
+                    "Every error body is application/problem+json; every response carries X-Request-ID.",
+    )
+    app.state.settings = settings
+    errors.register(app)
+    app.add_middleware(RequestContext, metrics_of=lambda scope: getattr(scope["app"].state, "metrics", None))
+    for module in (jobs, health, info):
+        app.include_router(module.router)
+    app.openapi = lambda: _openapi(app)
+    return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema, with error responses declared as application/problem+json."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                for status, response in operation.get("responses", {}).items():
+                    content = response.get("content", {})
+                    if int(status) >= 400 and "application/json" in content:
+                        response["content"] = {errors.PROBLEM_JSON: content.pop("application/json")}
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def serve(host: str = "127.0.0.1", port: int = 8000, settings: Settings | None = None) -> None:
+    """Run the service under uvicorn. Without BNFOLD_API_KEYS: refuse unless `host` is loopback, in
+    which case one random key is generated for this run and printed once on stdout."""
+    import uvicorn
+
+    settings = settings or Settings()
+    if not settings.api_keys:
+        if not is_loopback(host):
+            raise ConfigError(
+                f"refusing to serve on {host} without API keys: set BNFOLD_API_KEYS=<key>[,<key>…] "
+                "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'), or bind to 127.0.0.1"
+            )
+        key = secrets.token_urlsafe(32)
+        settings = settings.model_copy(update={"api_keys": [SecretStr(key)]})
+        print(f"bnfold: BNFOLD_API_KEYS is not set; this run (loopback only) accepts the generated key:\n"
+              f"API key: {key}", file=sys.stdout, flush=True)
+    uvicorn.run(create_app(settings), host=host, port=port, log_config=logging_config(settings.log_level),
+                access_log=False, timeout_graceful_shutdown=10)

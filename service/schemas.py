@@ -1,0 +1,125 @@
+"""Request and response bodies of API v1 (pydantic); openapi.yaml is generated from these."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class JobOptionsIn(BaseModel):
+    """The ``options`` part of POST /v1/jobs (JSON). Every field is optional."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fold: bool = Field(True, description="Fold BN into neighbouring layers (false: only BN mean/var change).")
+    batch_size: int = Field(64, ge=1, le=65536, description="Samples per inference call (speed/memory only).")
+    verify_samples: int = Field(32, ge=0, le=1_000_000, description="Samples to compare folded vs unfolded on.")
+    rtol: float | None = Field(None, ge=0, allow_inf_nan=False, description="Verification rtol (default: by float type).")
+    atol: float | None = Field(None, ge=0, allow_inf_nan=False, description="Verification atol (default: by float type).")
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details; ``field`` names the part of the request that was wrong."""
+
+    type: str = Field(examples=["urn:bnfold:problem:invalid-model"])
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    request_id: str | None = None
+    field: str | None = None
+    errors: list[FieldError] | None = None
+
+
+class JobError(BaseModel):
+    """Why a job failed: the problem details of the core error, or of the worker's end."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    field: str | None = None
+
+
+class Progress(BaseModel):
+    stage: str = Field(description="What the job is doing, e.g. 'recalibrating: BN level 2/3'.")
+    fraction: float = Field(ge=0, le=1)
+
+
+class Timings(BaseModel):
+    queued_s: float | None = Field(None, description="Seconds from submission to start (so far, while queued).")
+    running_s: float | None = Field(None, description="Seconds from start to end (so far, while running).")
+
+
+class InputFile(BaseModel):
+    filename: str | None
+    bytes: int
+
+
+class Inputs(BaseModel):
+    model: InputFile
+    samples: InputFile
+
+
+class JobResult(BaseModel):
+    model_url: str
+    report_url: str
+    model_sha256: str = Field(description="Also the ETag of GET model_url.")
+    model_bytes: int
+
+
+class Job(BaseModel):
+    id: str
+    state: JobState
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    progress: Progress
+    timings: Timings
+    attempts: int = Field(description="Times a worker started this job (more than 1 after a server restart).")
+    options: JobOptionsIn
+    inputs: Inputs
+    result: JobResult | None = Field(None, description="Set when the job succeeded.")
+    report: dict[str, Any] | None = Field(None, description="The report, once succeeded (GET /v1/jobs/{id} only).")
+    error: JobError | None = Field(None, description="Set when the job failed.")
+    url: str
+
+
+class JobList(BaseModel):
+    items: list[Job]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null on the last page.")
+
+
+class Limits(BaseModel):
+    max_model_bytes: int
+    max_samples_bytes: int
+    max_queued_jobs: int
+    workers: int
+    job_timeout_s: float
+    max_wait_s: float
+
+
+class Info(BaseModel):
+    name: str
+    version: str
+    api_version: str
+    limits: Limits
+    default_options: JobOptionsIn
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready"]
+    checks: dict[str, bool]

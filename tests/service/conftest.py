@@ -1,0 +1,26 @@
+"""Fixtures for the service tests (helpers live in service_helpers.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from service_helpers import Server
+
+try:
+    import fastapi, httpx, prometheus_client, python_multipart, sqlalchemy, uvicorn  # noqa: F401, E401
+except ImportError:  # the 'service' extra is not installed: nothing here can run
+    collect_ignore_glob = ["test_*.py"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "schemathesis: property-based API run against a live server (needs schemathesis)")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """The shared server: small upload limits, two workers, keys A, B and FUZZ."""
+    srv = Server(tmp_path_factory.mktemp("main") / "data",
+                 env={"BNFOLD_MAX_MODEL_BYTES": "64KiB", "BNFOLD_MAX_SAMPLES_BYTES": "256KiB", "BNFOLD_MAX_WAIT": "20"})
+    srv.start()
+    yield srv
+    srv.stop()

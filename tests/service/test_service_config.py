@@ -1,0 +1,88 @@
+"""Configuration: BNFOLD_* variables, refusal of weak keys, and the secure default without keys."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from service.core.config import ConfigError, Settings, is_loopback
+from service.main import serve
+from service_helpers import REPO, Server
+
+GOOD = "k" * 20
+
+
+@pytest.fixture(autouse=True)
+def _no_bnfold_environment(monkeypatch):
+    for name in [n for n in os.environ if n.startswith("BNFOLD_")]:
+        monkeypatch.delenv(name)
+
+
+def test_settings_read_bnfold_variables(monkeypatch, tmp_path):
+    monkeypatch.setenv("BNFOLD_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("BNFOLD_API_KEYS", f"{GOOD},{'m' * 20}")
+    monkeypatch.setenv("BNFOLD_MAX_SAMPLES_BYTES", "3MiB")
+    monkeypatch.setenv("BNFOLD_WORKERS", "3")
+    settings = Settings()
+    assert settings.key_values() == [GOOD, "m" * 20]
+    assert settings.max_samples_bytes == 3 * 2**20 and settings.workers == 3
+    assert settings.resolved_database_url == f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
+    assert GOOD not in repr(settings)  # keys are secrets
+
+
+def test_database_url_is_configurable(monkeypatch):
+    monkeypatch.setenv("BNFOLD_DATABASE_URL", "postgresql+psycopg://bnfold@db/bnfold")
+    assert Settings().resolved_database_url == "postgresql+psycopg://bnfold@db/bnfold"
+
+
+@pytest.mark.parametrize("keys, reason", [
+    (f"{GOOD},,{GOOD}x", "empty"),
+    ("short-key", "shorter than 16"),
+    ("changeme-changeme-changeme", "placeholder"),
+    ("my-secret-api-key-123456", "placeholder"),
+    (f"{GOOD} {GOOD}", "whitespace"),
+])
+def test_weak_or_placeholder_keys_are_refused(monkeypatch, keys, reason):
+    monkeypatch.setenv("BNFOLD_API_KEYS", keys)
+    with pytest.raises(ValidationError, match=reason):
+        Settings()
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.3.0.1", True), ("::1", True), ("[::1]", True),
+                                            ("localhost", True), ("0.0.0.0", False), ("::", False),
+                                            ("10.0.0.5", False), ("example.org", False)])
+def test_is_loopback(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+def test_serve_refuses_a_public_address_without_keys(tmp_path):
+    with pytest.raises(ConfigError, match="BNFOLD_API_KEYS"):
+        serve("0.0.0.0", 0, Settings(data_dir=tmp_path, api_keys=[]))
+
+
+def test_cli_refuses_a_public_address_without_keys(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "BNFOLD_DATA_DIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "bnfold.cli", "serve", "--host", "0.0.0.0", "--port", "0"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "refusing to serve on 0.0.0.0 without API keys" in result.stderr
+
+
+def test_loopback_without_keys_generates_one_key_and_prints_it_once(tmp_path):
+    srv = Server(tmp_path / "data", keys=()).start()
+    try:
+        printed = srv.stdout_path.read_text()
+        keys = re.findall(r"^API key: (\S+)$", printed, re.MULTILINE)
+        assert len(keys) == 1 and len(keys[0]) >= 32
+        with srv.client(keys[0]) as client:
+            assert client.get("/v1/info").status_code == 200
+        assert httpx.get(srv.url + "/v1/info").status_code == 401
+        assert keys[0] not in srv.log_path.read_text()
+    finally:
+        srv.stop()

@@ -1,0 +1,161 @@
+"""End-to-end: what happens to jobs when processes die, time out, are cancelled or the server restarts.
+
+These servers run the app from `service_testapp`, whose job processes wait while a hold file
+exists, so a job can be kept "running" for exactly as long as a test needs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+
+import pytest
+
+from service_helpers import Server, pid_gone, submit, wait_for
+
+
+@pytest.fixture(scope="module")
+def held_server(tmp_path_factory):
+    """One worker, one queue slot."""
+    srv = Server(tmp_path_factory.mktemp("held") / "data", held=True,
+                 env={"BNFOLD_WORKERS": "1", "BNFOLD_MAX_QUEUED_JOBS": "1"})
+    srv.start()
+    yield srv
+    srv.release()
+    srv.stop()
+
+
+@pytest.fixture
+def held(held_server):
+    """The held server with the hold on; afterwards: hold off, every unfinished job cancelled."""
+    held_server.hold()
+    yield held_server
+    held_server.release()
+    with held_server.client() as client:
+        for state in ("queued", "running"):
+            for job in client.get("/v1/jobs", params={"state": state, "limit": 100}).json()["items"]:
+                client.delete(job["url"])
+
+
+def start_held_job(server: Server, client) -> tuple[dict, int]:
+    job = submit(client).json()
+    return job, server.worker_pid(job["id"])
+
+
+def test_cancel_a_running_job_stops_its_process_and_deletes_its_files(held):
+    with held.client() as client:
+        job, pid = start_held_job(held, client)
+        assert client.get(job["url"]).json()["state"] == "running"
+        response = client.delete(job["url"])
+        assert response.status_code == 200 and response.json()["state"] == "cancelled"
+        assert pid_gone(pid)
+        assert wait_for(client, job["id"])["state"] == "cancelled"
+        held.release()
+        follow_up = submit(client, wait=20).json()  # the worker slot is free again
+        assert follow_up["state"] == "succeeded"
+    assert not (held.data_dir / "jobs" / job["id"]).exists()
+
+
+def test_cancel_a_queued_job(held):
+    with held.client() as client:
+        running, _ = start_held_job(held, client)
+        response = submit(client, wait=0.3)  # ?wait runs out: 202 and the job as it is
+        assert response.status_code == 202 and response.json()["state"] == "queued"
+        queued = response.json()
+        response = client.delete(queued["url"])
+        assert response.status_code == 200 and response.json()["state"] == "cancelled"
+        assert not (held.data_dir / "jobs" / queued["id"]).exists()
+        assert client.delete(queued["url"]).status_code == 204  # now it is deleted for good
+        assert client.get(queued["url"]).status_code == 404
+        assert client.get(running["url"]).json()["state"] == "running"
+
+
+def test_submissions_beyond_the_queue_bound_get_429_with_retry_after(held):
+    with held.client() as client:
+        start_held_job(held, client)  # the only worker is busy; the queue holds one more
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(lambda _: submit(held.client()), range(4)))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [202, 429, 429, 429]
+    for response in responses:
+        if response.status_code == 429:
+            assert int(response.headers["retry-after"]) >= 1
+            assert response.headers["content-type"] == "application/problem+json"
+    assert list((held.data_dir / "incoming").iterdir()) == []
+
+
+def test_a_killed_worker_fails_its_job_and_the_api_stays_up(held):
+    with held.client() as client:
+        job, pid = start_held_job(held, client)
+        os.kill(pid, signal.SIGKILL)  # what the kernel's OOM killer does
+        failed = wait_for(client, job["id"])
+        assert failed["state"] == "failed"
+        assert failed["error"]["detail"] == "worker process died (signal 9 — out of memory?)"
+        assert failed["error"]["title"] == "Worker process died"
+        assert client.get("/readyz").status_code == 200
+        held.release()
+        assert submit(client, wait=20).json()["state"] == "succeeded"
+
+
+def test_a_job_past_the_timeout_is_stopped_and_failed(tmp_path):
+    srv = Server(tmp_path / "data", held=True, env={"BNFOLD_JOB_TIMEOUT": "1", "BNFOLD_WORKERS": "1"}).start()
+    try:
+        srv.hold()
+        with srv.client() as client:
+            job, pid = start_held_job(srv, client)
+            failed = wait_for(client, job["id"], timeout=20)
+        assert failed["state"] == "failed" and failed["error"]["title"] == "Job timed out"
+        assert "BNFOLD_JOB_TIMEOUT" in failed["error"]["detail"]
+        assert pid_gone(pid)
+    finally:
+        srv.release()
+        srv.stop()
+
+
+def test_restarts_keep_results_requeue_interrupted_jobs_and_give_up_after_two_attempts(tmp_path):
+    srv = Server(tmp_path / "data", held=True, env={"BNFOLD_WORKERS": "1"}).start()
+    try:
+        with srv.client() as client:
+            finished = submit(client, wait=20).json()
+            etag = client.get(finished["result"]["model_url"]).headers["etag"]
+            srv.hold()
+            interrupted, pid = start_held_job(srv, client)
+            waiting = submit(client).json()
+        srv.crash()  # SIGKILL: no shutdown code runs
+        assert pid_gone(pid), "the job process outlived its server"
+
+        # 2nd server: the interrupted job runs again (attempt 2), the queued one still waits
+        srv.forget_pid(interrupted["id"])
+        srv.start()
+        with srv.client() as client:
+            pid = srv.worker_pid(interrupted["id"])
+            job = client.get(interrupted["url"]).json()
+            assert job["state"] == "running" and job["attempts"] == 2
+            assert client.get(waiting["url"]).json()["state"] == "queued"
+            again = client.get(finished["result"]["model_url"])
+            assert again.status_code == 200 and again.headers["etag"] == etag
+        srv.crash()
+        assert pid_gone(pid)
+
+        # 3rd server: a job whose server died under it twice is failed, not retried forever
+        srv.start()
+        with srv.client() as client:
+            failed = wait_for(client, interrupted["id"])
+            assert failed["state"] == "failed" and failed["error"]["title"] == "Server restarted"
+            assert "stopped 2 times" in failed["error"]["detail"]
+            pid = srv.worker_pid(waiting["id"])
+        srv.stop()  # graceful: the running job goes back to the queue, the attempt does not count
+        assert pid_gone(pid)
+
+        srv.forget_pid(waiting["id"])
+        srv.start()
+        with srv.client() as client:
+            srv.worker_pid(waiting["id"])
+            assert client.get(waiting["url"]).json()["attempts"] == 1
+            srv.release()
+            assert wait_for(client, waiting["id"])["state"] == "succeeded"
+            assert client.get(finished["result"]["model_url"]).headers["etag"] == etag
+    finally:
+        srv.release()
+        srv.stop()
