@@ -53,6 +53,7 @@ def recalibrate(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     spill_dir: str | None = None,
     providers: Sequence[str] | None = None,
+    threads: int = 0,
     progress: Progress | None = None,
 ) -> RecalibrationResult:
     """Recompute every BN's running mean/var on `samples` (exact fixed point, float64).
@@ -62,17 +63,20 @@ def recalibrate(
     batch_size: samples per ONNX Runtime call (speed/memory only; results do not depend on it).
     memory_budget: bytes of cut tensors kept in RAM between stages before spilling to disk.
     providers: ONNX Runtime execution providers (default: CPU).
+    threads: ONNX Runtime intra-op threads (0: one per core), e.g. to share cores between jobs.
     progress: called as progress(description, fraction in [0, 1]).
     """
     if memory_budget < 0:
         raise InvalidOptions(f"memory_budget must be ≥ 0 bytes, got {memory_budget}")
+    if threads < 0:
+        raise InvalidOptions(f"threads must be ≥ 0 (0: one per core), got {threads}")
     started = time.perf_counter()
     check_model(model)
     work, notes = _with_private_statistics(model, g.find_batchnorms(model))
     batchnorms = g.require_batchnorms(work)
     notes += _subgraph_batchnorm_notes(work)
     plan = g.plan_stages(work, batchnorms)
-    runner = _StageRunner(work, plan, providers, progress)
+    runner = _StageRunner(work, plan, providers, threads, progress)
     with TensorStore(memory_budget, spill_dir) as store:
         batches = iter_batches(samples, model_inputs(work), batch_size)
         runner.run(batches, store, batchnorms)
@@ -86,7 +90,8 @@ def recalibrate(
 class _StageRunner:
     """Runs the stages in order, keeping moments per measured tensor and the new BN statistics."""
 
-    def __init__(self, model: onnx.ModelProto, plan: g.StagePlan, providers, progress: Progress | None):
+    def __init__(self, model: onnx.ModelProto, plan: g.StagePlan, providers, threads: int, progress: Progress | None):
+        self.threads = threads
         self.model = model
         self.plan = plan
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
@@ -158,7 +163,9 @@ class _StageRunner:
             self.model, self.plan, s, self.types, self.overrides | self.stage_overrides, self.replacements
         )
         try:
-            return ort.InferenceSession(stage.SerializeToString(), _quiet_options(), providers=self.providers)
+            options = _quiet_options()
+            options.intra_op_num_threads = self.threads
+            return ort.InferenceSession(stage.SerializeToString(), options, providers=self.providers)
         except Exception as exc:  # ORT raises several unrelated types; all mean "cannot run this"
             raise UnsupportedModel(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from None
 
