@@ -280,6 +280,7 @@ def stage_model(
     input_types: dict[str, tuple[int, int]],
     overrides: dict[str, onnx.TensorProto],
     replacements: dict[int, onnx.NodeProto] | None = None,
+    output_types: dict[str, tuple[int | None, int | None]] | None = None,
 ) -> onnx.ModelProto:
     """A standalone model running stage s: its inputs are cut tensors, its outputs `plan.outputs[s]`.
 
@@ -287,6 +288,8 @@ def stage_model(
     arrays that actually flow, so no shape inference over the whole model is needed.
     ``overrides`` replaces (or adds) constant tensors by name: the new statistics of BNs already
     measured. ``replacements`` swaps graph.node[i] for another node computing the same output.
+    ``output_types`` (from shape inference of the whole model, done once) types the outputs where
+    known, which makes the stage a checker-valid model; ORT itself would run untyped outputs too.
     """
     graph = model.graph
     replacements = replacements or {}
@@ -297,36 +300,20 @@ def stage_model(
         nodes,
         f"{graph.name}_stage{s}",
         [onnx.helper.make_tensor_value_info(t, *_type_and_shape(input_types[t])) for t in plan.inputs[s]],
-        [onnx.ValueInfoProto(name=t) for t in plan.outputs[s]],
+        [_output_value_info(t, (output_types or {}).get(t)) for t in plan.outputs[s]],
         initializer=[initializers[t] for t in read if t in initializers],
     )
     stage = onnx.helper.make_model(
         stage_graph, opset_imports=model.opset_import, ir_version=model.ir_version
     )
     stage.functions.extend(model.functions)
-    _type_outputs(stage)
     return stage
 
 
-def _type_outputs(stage: onnx.ModelProto) -> None:
-    """Give the outputs their inferred types, so the stage is a checker-valid model.
-
-    ONNX Runtime runs untyped outputs too, so where inference cannot tell (custom ops) they stay
-    untyped rather than failing."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(stage)
-    except Exception:  # noqa: BLE001 - inference is best effort here; ORT infers at load anyway
-        return
-    known = {
-        v.name: v.type
-        for v in list(inferred.graph.value_info) + list(inferred.graph.output)
-        if v.type.tensor_type.elem_type and v.type.tensor_type.HasField("shape")
-    }
-    for output in stage.graph.output:
-        if output.name in known:
-            output.type.CopyFrom(known[output.name])
-            for dim in output.type.tensor_type.shape.dim:
-                dim.Clear()  # rank only: inferred static sizes need not hold for every batch
+def _output_value_info(name: str, elem_rank: tuple[int | None, int | None] | None) -> onnx.ValueInfoProto:
+    if elem_rank is None or None in elem_rank:
+        return onnx.ValueInfoProto(name=name)
+    return onnx.helper.make_tensor_value_info(name, *_type_and_shape(elem_rank))
 
 
 def _type_and_shape(elem_rank: tuple[int, int]) -> tuple[int, list[None]]:

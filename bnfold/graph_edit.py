@@ -46,7 +46,7 @@ class EditableGraph:
         }
         self.used_before = self._used()
         self.names = _names_in(self.graph)
-        self.types = _value_types(model)
+        self.types = value_types(model)
         self._fresh_count = 0
 
     def batchnorms(self) -> list[onnx.NodeProto]:
@@ -166,7 +166,7 @@ def _drop(repeated, predicate) -> None:
         del repeated[i]
 
 
-def _value_types(model: onnx.ModelProto) -> dict[str, tuple[int | None, int | None]]:
+def value_types(model: onnx.ModelProto) -> dict[str, tuple[int | None, int | None]]:
     """name → (elem_type, rank) from ONNX shape inference; empty where inference fails."""
     try:
         inferred = shape_inference.infer_shapes(_without_weights(model), strict_mode=False)

@@ -26,6 +26,7 @@ from onnx import numpy_helper
 
 from . import graph as g
 from .errors import InvalidOptions, UnsupportedModel
+from .graph_edit import value_types
 from .model_io import check_model
 from .report import RECOMMENDED_MIN_SAMPLES, LayerReport, Report, shift_score
 from .samples import Samples, iter_batches, model_inputs
@@ -92,6 +93,7 @@ class _StageRunner:
 
     def __init__(self, model: onnx.ModelProto, plan: g.StagePlan, providers, threads: int, progress: Progress | None):
         self.threads = threads
+        self.inferred_types = value_types(model)  # once: stage outputs get their types from it
         self.model = model
         self.plan = plan
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
@@ -160,7 +162,8 @@ class _StageRunner:
         for name, value in feeds.items():
             self.types.setdefault(name, _type_of(value))
         stage = g.stage_model(
-            self.model, self.plan, s, self.types, self.overrides | self.stage_overrides, self.replacements
+            self.model, self.plan, s, self.types, self.overrides | self.stage_overrides, self.replacements,
+            self.inferred_types,
         )
         try:
             options = _quiet_options()

@@ -28,6 +28,11 @@ _PARALLEL_ELEMENTS = 1 << 20
 _THREADS = min(4, os.cpu_count() or 1)
 _executor: ThreadPoolExecutor | None = None
 
+try:  # the optional C kernel (bnfold/_moments.c): same sums in one pass, ~5x faster
+    from . import _moments as _kernel
+except ImportError:  # not built (no C compiler at install): the NumPy path gives the same result
+    _kernel = None
+
 
 def _pool() -> ThreadPoolExecutor:
     global _executor
@@ -38,6 +43,16 @@ def _pool() -> ThreadPoolExecutor:
 
 def _shifted_sums(rows: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel Σ(x−K) and Σ(x−K)² in float64 over rows (n, C, L); K = shift (1, C, 1)."""
+    if _kernel is not None and rows.dtype == np.float32 and rows.flags.c_contiguous:
+        n, channels, length = rows.shape
+        s1, s2 = np.zeros(channels), np.zeros(channels)
+        _kernel.shifted_sums_f32(rows, np.ascontiguousarray(shift.ravel()), s1, s2, n, channels, length)
+        return s1, s2
+    return _shifted_sums_numpy(rows, shift)
+
+
+def _shifted_sums_numpy(rows: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy version of `_shifted_sums` (any dtype; the reference the C kernel is tested against)."""
     n, channels, length = rows.shape
     s1 = np.zeros(channels)
     s2 = np.zeros(channels)

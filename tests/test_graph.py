@@ -13,6 +13,7 @@ from reference import reference_recalibrate, run_reference
 
 import bnfold
 import bnfold.graph as g
+from bnfold.graph_edit import value_types
 from bnfold.errors import NoBatchNorm
 
 
@@ -184,7 +185,7 @@ def test_stage_models_pass_the_checker(name):
     for s in range(plan.num_stages):
         if not plan.nodes[s]:
             continue
-        stage = g.stage_model(model, plan, s, types, {})
+        stage = g.stage_model(model, plan, s, types, {}, output_types=value_types(model))
         onnx.checker.check_model(stage, full_check=True)
 
 

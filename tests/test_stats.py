@@ -6,10 +6,13 @@ deviations) over every axis but 1.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 import bnfold.stats
+import bnfold.stats as stats
 from bnfold.stats import Moments
 
 
@@ -216,3 +219,19 @@ def test_merge_of_disjoint_channels_means():
     merged = Moments.of(lo).merge(Moments.of(hi))
     np.testing.assert_allclose(merged.mean, [1.0])
     np.testing.assert_allclose(merged.var, [1.0])
+
+
+# -- the optional C kernel ------------------------------------------------------------------------
+
+@pytest.mark.skipif(stats._kernel is None and not os.environ.get("CI"), reason="C kernel not built here")
+@pytest.mark.parametrize("shape", [(64, 16, 1024), (7, 5, 13), (300, 16, 1), (3, 2, 0), (1, 1, 5)])
+def test_c_kernel_matches_the_numpy_sums(shape):
+    """The one-pass C kernel gives the NumPy path's float64 sums (CI requires it to be built)."""
+    assert stats._kernel is not None, "bnfold._moments was not built; pip install -e . needs a C compiler"
+    rng = np.random.default_rng(3)
+    rows = (rng.standard_normal(shape) * 3 + 100).astype(np.float32)
+    shift = np.full((1, shape[1], 1), 99.5)
+    got = stats._shifted_sums(rows, shift)
+    want = stats._shifted_sums_numpy(rows, shift)
+    for g_, w in zip(got, want):
+        np.testing.assert_allclose(g_, w, rtol=1e-12, atol=1e-9)
