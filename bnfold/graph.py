@@ -126,8 +126,10 @@ def constant_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return tensors
 
 
-def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    return {name: numpy_helper.to_array(t) for name, t in constant_tensors(graph).items()}
+def constant_values(graph: onnx.GraphProto, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """The values of the named constants, or of all (converting every weight costs time)."""
+    tensors = constant_tensors(graph)
+    return {name: numpy_helper.to_array(tensors[name]) for name in (tensors if names is None else names)}
 
 
 def node_inputs(node: onnx.NodeProto) -> list[str]:
@@ -161,7 +163,7 @@ def _unique_names(graph: onnx.GraphProto) -> list[str]:
 def find_batchnorms(model: onnx.ModelProto) -> list[BatchNorm]:
     """The BN nodes of the main graph, validated for recalibration (raises `UnsupportedModel`)."""
     graph = model.graph
-    constants = constant_values(graph)
+    constants = constant_tensors(graph)
     names = _unique_names(graph)
     consumed = {name for node in graph.node for name in node_inputs(node)}
     consumed |= {o.name for o in graph.output}
@@ -210,8 +212,9 @@ def _read_batchnorm(node, index, name, constants, consumed) -> BatchNorm:
                 f"BatchNormalization '{name}': its {role} '{tensor}' is computed by the graph, not "
                 "a constant initializer, so it cannot be recalibrated."
             )
-    channels = constants[mean].size
-    if constants[var].size != channels or constants[mean].ndim != 1:
+    mean_dims, var_dims = list(constants[mean].dims), list(constants[var].dims)
+    channels = int(np.prod(mean_dims, dtype=np.int64))
+    if len(mean_dims) != 1 or int(np.prod(var_dims, dtype=np.int64)) != channels:
         raise UnsupportedModel(f"BatchNormalization '{name}': mean/var are not 1-D of one length.")
     return BatchNorm(index, name, x, scale, bias, mean, var, float(attrs.get("epsilon", 1e-5)), channels)
 

@@ -278,7 +278,7 @@ def _subgraph_batchnorm_notes(model) -> list[str]:
 
 
 def _result(work, batchnorms, plan, runner: _StageRunner, notes) -> RecalibrationResult:
-    constants = g.constant_values(work.graph)
+    constants = g.constant_values(work.graph, [t for bn in batchnorms for t in (bn.mean, bn.var)])
     layers = []
     for bn in batchnorms:
         moments = runner.moments[bn.x]
