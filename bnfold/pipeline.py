@@ -9,6 +9,7 @@ inputs, and refused (`VerificationFailed`) when they disagree; provenance goes i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -39,7 +40,10 @@ class JobOptions:
     compare folded vs unfolded (random inputs are added). rtol/atol: verification tolerance
     (None: derived from the model's float type). Image samples (folders/archives, `bnfold.images`):
     preprocess: a `PreprocessSpec`, or a dict of its fields overriding the spec the model carries;
-    on_bad_image: 'fail' or 'skip' an unreadable/mismatched image; image_limits: decoding bounds."""
+    on_bad_image: 'fail' or 'skip' an unreadable/mismatched image; image_limits: decoding bounds.
+    Where and how fast, never what (kept out of the provenance): spill_dir: folder for the cut
+    tensors beyond memory_budget (None: the system's temporary folder); threads: ONNX Runtime
+    intra-op threads for recalibration and verification (0: one per core)."""
 
     fold: bool = True
     batch_size: int = 64
@@ -50,16 +54,22 @@ class JobOptions:
     preprocess: Mapping[str, Any] | None = None
     on_bad_image: str = "fail"
     image_limits: ImageLimits | None = None
+    spill_dir: str | os.PathLike | None = None
+    threads: int = 0
 
     def __post_init__(self) -> None:
         if self.on_bad_image not in ("fail", "skip"):
-            raise InvalidOptions(f"on_bad_image must be 'fail' or 'skip', got {self.on_bad_image!r}")
+            raise _on_field(InvalidOptions(f"on_bad_image must be 'fail' or 'skip', got {self.on_bad_image!r}"),
+                            "options.on_bad_image")
         if self.preprocess is not None:
             from .preprocess import PreprocessSpec, check_overrides
 
             whole = isinstance(self.preprocess, PreprocessSpec)  # kept as plain JSON data (provenance, service)
-            plain = self.preprocess.model_dump(mode="json") if whole else check_overrides(self.preprocess)
+            with _naming("options.preprocess"):
+                plain = self.preprocess.model_dump(mode="json") if whole else check_overrides(self.preprocess)
             object.__setattr__(self, "preprocess", plain)
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise InvalidOptions(f"threads must be an integer ≥ 0 (0: one per core), got {self.threads!r}")
         if self.batch_size < 1:
             raise InvalidOptions(f"batch_size must be ≥ 1, got {self.batch_size}")
         if self.memory_budget < 0:
@@ -92,7 +102,9 @@ def recalibrate_files(
     samples = images if images is not None else load_samples(samples_path)
     try:
         result = recalibrate(
-            model, samples, batch_size=options.batch_size, memory_budget=options.memory_budget, progress=progress
+            model, samples, batch_size=options.batch_size, memory_budget=options.memory_budget,
+            spill_dir=None if options.spill_dir is None else os.fspath(options.spill_dir), threads=options.threads,
+            progress=progress,
         )
         if images is not None:
             result.report.extra["images"] = images.report() | {"spec_origin": origin}
@@ -110,7 +122,7 @@ def recalibrate_files(
         source_sha256=hashlib.sha256(data).hexdigest(),
         samples=result.report.samples,
         samples_sha256=images.sha256 if images is not None else _file_sha256(samples_path),
-        options=dataclasses.asdict(options),
+        options=_provenance_options(options),
     )
     return JobOutput(final, result.report)
 
@@ -121,17 +133,20 @@ def _image_samples(model: onnx.ModelProto, path, options: JobOptions) -> tuple[I
 
     if not is_image_source(path):
         if options.preprocess is not None:
-            raise InvalidOptions("preprocessing options apply to image samples (a folder or archive of images), "
-                                 f"but {os.fspath(path)} holds arrays: drop them or give images")
+            raise _on_field(InvalidOptions("preprocessing options apply to image samples (a folder or archive of "
+                                           f"images), but {os.fspath(path)} holds arrays: drop them or give images"),
+                            "options.preprocess")
         return None, None
     from .images import ImageLimits, ImageSamples
     from .preprocess import resolve_spec
 
-    spec, origin = resolve_spec(model, options.preprocess)
+    with _naming("options.preprocess"):
+        spec, origin = resolve_spec(model, options.preprocess)
     (first_input, *others) = model_inputs(model)
     if others:
         raise InvalidSamples(f"the model has {1 + len(others)} inputs: image samples feed single-input models only")
-    spec.check_input(first_input.name, first_input.dims)
+    with _naming("options.preprocess"):
+        spec.check_input(first_input.name, first_input.dims)
     images = ImageSamples(path, spec, batch_size=options.batch_size, on_error=options.on_bad_image,
                           limits=options.image_limits or ImageLimits(), sample_shape=first_input.dims[1:])
     return images, origin
@@ -145,7 +160,7 @@ def fold_file(model_source: str | os.PathLike | bytes, options: JobOptions = Job
     final = _fold_and_verify(model, report, None, options)
     _stamp(
         final, _carried_spec(model), source_sha256=hashlib.sha256(data).hexdigest(), samples=None, samples_sha256=None,
-        options=dataclasses.asdict(options),
+        options=_provenance_options(options),
     )
     return JobOutput(final, report)
 
@@ -164,9 +179,30 @@ def _stamp(model: onnx.ModelProto, spec_json: str | None, **entries) -> None:
         onnx.helper.set_model_props(model, {p.key: p.value for p in model.metadata_props} | {PREPROCESS_KEY: spec_json})
 
 
+def _provenance_options(options: JobOptions) -> dict[str, Any]:
+    """The options that decide the result; spill_dir and threads do not (and a server's paths stay private)."""
+    return {k: v for k, v in dataclasses.asdict(options).items() if k not in ("spill_dir", "threads")}
+
+
+@contextlib.contextmanager
+def _naming(field: str):
+    """`InvalidOptions` raised inside is about `field` (e.g. 'options.preprocess')."""
+    try:
+        yield
+    except InvalidOptions as exc:
+        _on_field(exc, field)
+        raise
+
+
+def _on_field(exc: InvalidOptions, field: str) -> InvalidOptions:
+    exc.field = field  # problem+json names the option, not just "options"
+    return exc
+
+
 def _fold_and_verify(model, report: Report, feeds, options: JobOptions) -> onnx.ModelProto:
     folded = fold_batchnorms(model)
-    check = check_equivalent(model, folded.model, None if feeds is None else [feeds], rtol=options.rtol, atol=options.atol)
+    check = check_equivalent(model, folded.model, None if feeds is None else [feeds], rtol=options.rtol, atol=options.atol,
+                             threads=options.threads)
     report.extra["fold"] = folded.to_dict()
     report.extra["verification"] = check.to_dict()
     return folded.model

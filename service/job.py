@@ -19,13 +19,17 @@ import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bnfold.errors import BnfoldError
+from bnfold.images import ImageLimits
 from bnfold.pipeline import JobOptions, recalibrate_files
 
 from . import errors
 from .storage import MODEL_FILE, REPORT_FILE, RESULT_FILE, write_atomic
+
+if TYPE_CHECKING:
+    from .core.config import Settings
 
 PROGRESS_INTERVAL = 0.2  # seconds between progress messages
 TRACEBACK = "_traceback"  # key in a failure message that is logged by the supervisor, not stored
@@ -50,15 +54,25 @@ def _exit_when_closed(lifeline: Connection) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def run_job(job_dir: str, samples_file: str, options: dict[str, Any], memory_budget: int, conn: Connection) -> None:
-    """The job. Never raises: every outcome is one message on `conn`."""
+def job_runtime(settings: Settings) -> dict[str, Any]:
+    """The server's side of a job's options (the client's are `options`): plain data for the job process."""
+    return {"memory_budget": int(settings.job_memory_budget), "threads": settings.resolved_job_threads,
+            "image_limits": settings.image_limits()}
+
+
+def run_job(job_dir: str, samples_file: str, options: dict[str, Any], runtime: dict[str, Any], conn: Connection) -> None:
+    """The job. Never raises: every outcome is one message on `conn`. runtime: from `job_runtime`."""
     directory = Path(job_dir)
     report = _Reporter(conn)
     try:
         report("loading", 0.0)
-        (directory / "spill").mkdir(exist_ok=True)
-        tempfile.tempdir = str(directory / "spill")  # the core's spill-to-disk store lands in the job directory
-        job_options = JobOptions(**options, memory_budget=memory_budget)
+        spill = directory / "spill"
+        spill.mkdir(exist_ok=True)
+        # Temporary files of libraries (e.g. the decompressed copy of a .tar.gz of images) belong to
+        # the job as well: this process is the job's alone, so its temporary folder can be too.
+        tempfile.tempdir = str(spill)
+        job_options = JobOptions(**options, memory_budget=runtime["memory_budget"], threads=runtime["threads"],
+                                 image_limits=ImageLimits(**runtime["image_limits"]), spill_dir=spill)
         output = recalibrate_files(directory / MODEL_FILE, directory / samples_file, job_options, report.recalibrating)
         report("writing results", 0.95)
         data = output.model.SerializeToString()

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+from bnfold.preprocess import PreprocessSpec
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+#: Kept as the fields the client sent (a partial spec: the core merges it over the model's own), and
+#: documented as PreprocessSpec's schema; the core validates it (422, field options.preprocess).
+Preprocess = Annotated[
+    dict[str, Any] | None,
+    WithJsonSchema({"anyOf": [{**PreprocessSpec.model_json_schema(), "title": "PreprocessSpec",
+                               "description": "Fields of bnfold.preprocess.PreprocessSpec, any subset."},
+                              {"type": "null"}]}),
+]
 
 
 class JobOptionsIn(BaseModel):
@@ -20,6 +32,13 @@ class JobOptionsIn(BaseModel):
     verify_samples: int = Field(32, ge=0, le=1_000_000, description="Samples to compare folded vs unfolded on.")
     rtol: float | None = Field(None, ge=0, allow_inf_nan=False, description="Verification rtol (default: by float type).")
     atol: float | None = Field(None, ge=0, allow_inf_nan=False, description="Verification atol (default: by float type).")
+    preprocess: Preprocess = Field(None, description=(
+        "Image samples only: how an image becomes model input (torchvision's Resize → CenterCrop → ToTensor → "
+        "Normalize). The fields given override the spec the model carries (metadata 'bnfold.preprocess'); fields "
+        "neither given nor carried take the defaults shown. Needed when the model carries no spec."))
+    on_bad_image: Literal["fail", "skip"] = Field(
+        "fail", description="Image samples only: an image that cannot be read or does not fit fails the job ('fail'), "
+                            "or is left out and listed in the report's extra.images.skipped ('skip').")
 
 
 class FieldError(BaseModel):
@@ -99,6 +118,17 @@ class JobList(BaseModel):
     next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null on the last page.")
 
 
+class ImageSampleLimits(BaseModel):
+    """Bounds on image samples (bnfold.images.ImageLimits), checked before anything is decoded."""
+
+    max_members: int = Field(description="Files in a folder or archive, of every kind.")
+    max_total_bytes: int = Field(description="All images of the archive together, uncompressed.")
+    max_file_bytes: int = Field(description="One image file.")
+    max_image_pixels: int = Field(description="Width × height of one image.")
+    max_image_bytes: int = Field(description="One decoded TIFF, all channels.")
+    max_total_pixels: int = Field(description="All images of one job together.")
+
+
 class Limits(BaseModel):
     max_model_bytes: int
     max_samples_bytes: int
@@ -106,6 +136,8 @@ class Limits(BaseModel):
     workers: int
     job_timeout_s: float
     max_wait_s: float
+    job_threads: int = Field(description="ONNX Runtime threads each job uses.")
+    images: ImageSampleLimits
 
 
 class Info(BaseModel):

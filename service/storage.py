@@ -1,8 +1,15 @@
 """Data directory layout, streamed multipart uploads with size limits, and atomic writes.
 
     <data_dir>/incoming/<job id>/   an upload being received (renamed into jobs/ once admitted)
-    <data_dir>/jobs/<job id>/       model.onnx, samples.npy|.npz (inputs, removed when the job ends),
+    <data_dir>/jobs/<job id>/       model.onnx, samples.<kind> (inputs, removed when the job ends),
+                                    spill/ (the job's cut tensors beyond its memory budget),
                                     result.onnx, report.json (written atomically by the job process)
+
+The samples file is named by its content, never by the client's file name: samples.npy,
+samples.npz (a zip of .npy arrays), or an archive of images — samples.zip, samples.tar,
+samples.tar.gz / .tar.bz2 / .tar.xz. The core decides arrays-or-images by content too
+(`bnfold.image_sources.is_image_source`, which this module asks for zips, so both agree); the name
+only keeps the job directory, the report (``extra.images.source``) and the logs honest.
 
 Why a hand-written multipart sink rather than FastAPI's ``UploadFile``: Starlette's form parser
 spools every file to a temporary file *before* the handler runs and has no per-file size limit, so
@@ -24,12 +31,17 @@ from pathlib import Path
 from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
+from bnfold.image_sources import is_image_source
+
 from .errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 
 MODEL_FILE, RESULT_FILE, REPORT_FILE = "model.onnx", "result.onnx", "report.json"
 MAX_OPTIONS_BYTES = 64 * 1024
 DRAIN_LIMIT = 8 * 2**20  # after a 413, read (and drop) this much more so the client can see the answer
 NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
+#: compressed tar archives of images, by leading bytes (the core opens them by content as well)
+COMPRESSED_TARS = {b"\x1f\x8b": "samples.tar.gz", b"BZh": "samples.tar.bz2", b"\xfd7zXZ\x00": "samples.tar.xz"}
+SAMPLES_FILES = ("samples.npy", "samples.npz", "samples.zip", "samples.tar", *COMPRESSED_TARS.values())
 #: leading bytes of files people upload instead of an ONNX model
 FOREIGN_MODEL_FORMATS = {
     ZIP_MAGIC: "a zip archive (PyTorch .pt/.pth, Keras .keras or .npz)",
@@ -51,7 +63,7 @@ class Upload:
     directory: Path
     model_filename: str | None
     samples_filename: str | None
-    samples_file: str  # samples.npy or samples.npz, by content
+    samples_file: str  # one of SAMPLES_FILES, by content
     model_bytes: int
     samples_bytes: int
     options: bytes | None
@@ -95,7 +107,7 @@ class Storage:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
 
     def remove_inputs(self, job_id: str) -> None:
-        for name in (MODEL_FILE, "samples.npy", "samples.npz"):
+        for name in (MODEL_FILE, *SAMPLES_FILES):
             (self.job_dir(job_id) / name).unlink(missing_ok=True)
         shutil.rmtree(self.job_dir(job_id) / "spill", ignore_errors=True)
 
@@ -244,25 +256,38 @@ def _refuse_foreign_model(path: Path) -> None:
 
 
 def _place_samples(path: Path, limit: int) -> str:
-    """Name the samples file by its content (.npy or .npz), refusing anything else and .npz
-    archives that unpack to more than `limit` bytes."""
-    head = _head(path)
+    """Name the samples file by its content (see the module doc), refusing anything else and .npz
+    archives that unpack to more than `limit` bytes. Image archives are bounded by the image
+    limits when the precheck lists them; what a compressed tar holds is only known by unpacking it."""
+    head = _head(path, 512)
     if head.startswith(NPY_MAGIC):
         name = "samples.npy"
-    elif head.startswith(ZIP_MAGIC):
-        name = "samples.npz"
-        try:
-            with zipfile.ZipFile(path) as archive:
-                unpacked = sum(info.file_size for info in archive.infolist())
-        except (zipfile.BadZipFile, OSError):
-            unpacked = 0  # not readable as an archive: the precheck reports why
-        if unpacked > limit:
-            raise PayloadTooLarge(f"the samples archive unpacks to {unpacked} bytes, above the limit of {limit}",
-                                  field="samples")
+    elif head.startswith(ZIP_MAGIC) or head.startswith(b"PK\x05\x06"):  # the latter: an empty zip
+        name = "samples.zip" if is_image_source(path) else "samples.npz"
+        if name == "samples.npz":
+            _refuse_large_npz(path, limit)
+    elif head.startswith(tuple(COMPRESSED_TARS)):
+        name = next(name for magic, name in COMPRESSED_TARS.items() if head.startswith(magic))
+    elif head[257:262] == b"ustar":
+        name = "samples.tar"
     else:
-        raise UnsupportedMediaType("samples must be a NumPy .npy or .npz file (np.save / np.savez)", field="samples")
+        raise UnsupportedMediaType("samples must be a NumPy .npy or .npz file (np.save / np.savez), or a .zip, .tar, "
+                                   ".tar.gz, .tar.bz2 or .tar.xz archive of images", field="samples")
     os.replace(path, path.with_name(name))
     return name
+
+
+def _refuse_large_npz(path: Path, limit: int) -> None:
+    """The core reads .npz members batch by batch, but a member that inflates a thousandfold still
+    costs the job its time: refuse archives whose declared sizes add up to more than `limit`."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError):
+        unpacked = 0  # not readable as an archive: the precheck reports why
+    if unpacked > limit:
+        raise PayloadTooLarge(f"the samples archive unpacks to {unpacked} bytes, above the limit of {limit}",
+                              field="samples")
 
 
 def _head(path: Path, size: int = 8) -> bytes:

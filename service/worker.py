@@ -33,7 +33,7 @@ from sqlalchemy.orm import sessionmaker
 
 from . import crud, errors
 from .core.config import Settings
-from .job import TRACEBACK, process_main, run_job
+from .job import TRACEBACK, job_runtime, process_main, run_job
 from .metrics import Metrics
 from .storage import Storage
 
@@ -155,8 +155,7 @@ class JobSupervisor:
     def _launch(self, session, row) -> None:
         reader, writer = self.ctx.Pipe(duplex=False)
         lifeline, keepalive = self.ctx.Pipe(duplex=False)
-        args = (str(self.storage.job_dir(row.id)), row.samples_file, row.options,
-                int(self.settings.job_memory_budget), writer)
+        args = (str(self.storage.job_dir(row.id)), row.samples_file, row.options, job_runtime(self.settings), writer)
         process = self.ctx.Process(target=process_main, args=(lifeline, self.target, *args),
                                    name=f"bnfold-job-{row.id}", daemon=True)
         try:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
+
 import numpy as np
 import onnx
 import pytest
@@ -9,7 +12,8 @@ from models import conv_bn, multi_input
 from onnx import helper, numpy_helper
 
 from bnfold.errors import InvalidSamples
-from bnfold.samples import ModelInput, iter_batches, load_samples, model_inputs
+from bnfold import samples as samples_module
+from bnfold.samples import LazyArray, ModelInput, iter_batches, load_samples, model_inputs
 
 X = ModelInput("x", np.dtype(np.float32), (None, 3))
 X4 = ModelInput("x", np.dtype(np.float32), (4, 3))  # static batch dimension 4
@@ -196,3 +200,127 @@ def test_npz_file_gives_a_mapping(tmp_path):
     assert sorted(samples) == ["img", "vec"]
     batches = list(iter_batches(samples, model_inputs(multi_input()), 8))
     assert len(batches) == 1 and batches[0]["vec"].shape == (2, 5)
+
+
+# -- .npz read lazily (a member is never read whole) ----------------------------------------------
+
+WIDE = ModelInput("x", np.dtype(np.float32), (None, 256))
+
+
+def _wide(n: int) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((n, 256)).astype(np.float32)  # 1 KiB per row
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed], ids=["stored", "compressed"])
+def test_npz_members_read_like_the_arrays_in_any_order(tmp_path, save):
+    path = tmp_path / "s.npz"
+    save(path, img=np.arange(14 * 3 * 6 * 6, dtype=np.float32).reshape(14, 3, 6, 6), vec=_rows(14, dtype=np.float64))
+    samples = load_samples(path)
+    assert all(isinstance(a, LazyArray) for a in samples.values()) and samples["vec"].shape == (14, 3)
+    inputs = [ModelInput("img", np.dtype(np.float32), (None, 3, 6, 6)), ModelInput("vec", np.dtype(np.float32), (None, 3))]
+    batches = list(iter_batches(samples, inputs, 4))
+    assert [b["vec"].shape[0] for b in batches] == [4, 4, 4, 2]
+    np.testing.assert_array_equal(np.concatenate([b["vec"] for b in batches]), _rows(14))
+    np.testing.assert_array_equal(samples["vec"][:3], _rows(3, dtype=np.float64))  # back to the start
+    np.testing.assert_array_equal(samples["vec"][9:11], _rows(2, 9, dtype=np.float64))  # forward, skipping rows
+
+
+class _CountingFile:
+    """A real file that records how many bytes each read asks for."""
+
+    def __init__(self, f, sizes: list[int]):
+        self._f, self._sizes = f, sizes
+
+    def read(self, n=-1):
+        data = self._f.read(n)
+        self._sizes.append(len(data))
+        return data
+
+    def readinto(self, buffer):
+        got = self._f.readinto(buffer)
+        self._sizes.append(got)
+        return got
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def test_stored_npz_member_is_read_one_batch_at_a_time(tmp_path, monkeypatch):
+    path = tmp_path / "s.npz"
+    np.savez(path, x=_wide(512))  # 512 KiB
+    sizes: list[int] = []
+    monkeypatch.setattr(samples_module, "open", lambda *a, **k: _CountingFile(open(*a, **k), sizes), raising=False)
+    samples = load_samples(path)
+    assert sum(sizes) < 1024  # the local header and the .npy header only
+    sizes.clear()
+    total = sum(b["x"].shape[0] for b in iter_batches(samples, [WIDE], 32))
+    assert total == 512 and max(sizes) == 32 * 1024 and sum(sizes) == 512 * 1024
+
+
+def test_compressed_npz_member_is_inflated_one_batch_at_a_time(tmp_path, monkeypatch):
+    path = tmp_path / "s.npz"
+    np.savez_compressed(path, x=_wide(512))
+    sizes: list[int] = []
+    real_read = zipfile.ZipExtFile.read
+
+    def read(self, n=-1):
+        data = real_read(self, n)
+        sizes.append(len(data) if n is not None and n >= 0 else 1 << 40)
+        return data
+
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", read)
+    samples = load_samples(path)
+    assert sum(sizes) < 1024
+    sizes.clear()
+    got = np.concatenate([b["x"] for b in iter_batches(samples, [WIDE], 32)])
+    np.testing.assert_array_equal(got, _wide(512))
+    assert max(sizes) <= 32 * 1024 and sum(sizes) == 512 * 1024
+
+
+def _npz_with(members: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED], ids=["stored", "compressed"])
+def test_npz_member_shorter_than_its_header_says_is_refused_up_front(tmp_path, compression):
+    path = tmp_path / "s.npz"
+    path.write_bytes(_npz_with({"x.npy": _npy(_wide(64))[: 200 + 10 * 1024]}, compression))
+    with pytest.raises(InvalidSamples, match=r"s\.npz.*member 'x\.npy' is truncated"):
+        load_samples(path)
+
+
+def test_corrupt_compressed_member_fails_when_read_naming_it(tmp_path):
+    path = tmp_path / "s.npz"
+    np.savez_compressed(path, x=_wide(64))
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("x.npy")
+    end = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size
+    data[end - 40 : end - 20] = bytes(20)  # inside the deflate stream, past the .npy header
+    path.write_bytes(bytes(data))
+    samples = load_samples(path)
+    with pytest.raises(InvalidSamples, match="member 'x.npy' cannot be decompressed"):
+        list(iter_batches(samples, [WIDE], 16))
+
+
+def test_npz_members_that_are_not_arrays_are_refused(tmp_path):
+    path = tmp_path / "s.npz"
+    path.write_bytes(_npz_with({"x.npy": _npy(_rows(4)), "labels.txt": b"1 2 3 4"}))
+    with pytest.raises(InvalidSamples, match="member 'labels.txt' is not a .npy array"):
+        load_samples(path)

@@ -10,6 +10,7 @@ random key is generated and printed once; on any other address the server refuse
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -37,6 +38,17 @@ class Settings(BaseSettings):
     max_model_bytes: ByteSize = Field(ByteSize(512 * 2**20), ge=1)
     max_samples_bytes: ByteSize = Field(ByteSize(2 * 2**30), ge=1, description="Also bounds an .npz's unpacked size.")
     job_memory_budget: ByteSize = Field(ByteSize(512 * 2**20), ge=0, description="RAM a job keeps between BN levels.")
+    job_threads: int | None = Field(None, ge=1, le=1024, description="ONNX Runtime threads per job; default: "
+                                    "usable cores // workers, at least 1 (see resolved_job_threads).")
+    # image samples (bnfold.images.ImageLimits), checked before anything is decoded
+    max_archive_files: int = Field(100_000, ge=1, description="Files in an image archive, of every kind (max_members).")
+    max_archive_unpacked_bytes: ByteSize = Field(ByteSize(4 * 2**30), ge=1,
+                                                 description="All images of an archive, uncompressed (max_total_bytes).")
+    max_image_file_bytes: ByteSize = Field(ByteSize(64 * 2**20), ge=1, description="One image file (max_file_bytes).")
+    max_image_pixels: int = Field(2**26, ge=1, description="Width × height of one image (max_image_pixels).")
+    max_image_decoded_bytes: ByteSize = Field(ByteSize(512 * 2**20), ge=1,
+                                              description="One decoded TIFF, all channels (max_image_bytes).")
+    max_total_pixels: int = Field(2**34, ge=1, description="All images of one job together (max_total_pixels).")
     stale_after: float = Field(60.0, gt=0, description="A running job whose server sent no heartbeat this long is re-queued.")
     log_level: str = "info"
 
@@ -70,6 +82,23 @@ class Settings(BaseSettings):
 
     def key_values(self) -> list[str]:
         return [key.get_secret_value() for key in self.api_keys]
+
+    @property
+    def resolved_job_threads(self) -> int:
+        """BNFOLD_JOB_THREADS, else the cores this process may use shared by the workers (≥ 1), so
+        that BNFOLD_WORKERS jobs at once do not oversubscribe the machine."""
+        if self.job_threads is not None:
+            return self.job_threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, cores // self.workers)
+
+    def image_limits(self) -> dict[str, int]:
+        """Keyword arguments of `bnfold.images.ImageLimits` (kept a plain dict: no bnfold import here)."""
+        return {
+            "max_members": self.max_archive_files, "max_total_bytes": int(self.max_archive_unpacked_bytes),
+            "max_file_bytes": int(self.max_image_file_bytes), "max_image_pixels": self.max_image_pixels,
+            "max_image_bytes": int(self.max_image_decoded_bytes), "max_total_pixels": self.max_total_pixels,
+        }
 
 
 def is_loopback(host: str) -> bool:

@@ -86,3 +86,26 @@ def test_loopback_without_keys_generates_one_key_and_prints_it_once(tmp_path):
         assert keys[0] not in srv.log_path.read_text()
     finally:
         srv.stop()
+
+
+def test_job_threads_share_the_cores_between_workers_unless_set(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setenv("BNFOLD_WORKERS", "3")
+    assert Settings().resolved_job_threads == 2
+    monkeypatch.setenv("BNFOLD_WORKERS", "16")
+    assert Settings().resolved_job_threads == 1  # never 0, which ONNX Runtime reads as "all cores"
+    monkeypatch.setenv("BNFOLD_JOB_THREADS", "5")
+    assert Settings().resolved_job_threads == 5
+    monkeypatch.setenv("BNFOLD_JOB_THREADS", "0")
+    with pytest.raises(ValidationError, match="job_threads"):
+        Settings()
+
+
+def test_image_limits_come_from_bnfold_variables(monkeypatch):
+    from bnfold.images import ImageLimits
+
+    monkeypatch.setenv("BNFOLD_MAX_ARCHIVE_UNPACKED_BYTES", "1GiB")
+    monkeypatch.setenv("BNFOLD_MAX_IMAGE_PIXELS", "4096")
+    limits = ImageLimits(**Settings().image_limits())  # every key is an ImageLimits field
+    assert limits.max_total_bytes == 2**30 and limits.max_image_pixels == 4096
+    assert limits.max_members == 100_000 and limits.max_file_bytes == 64 * 2**20

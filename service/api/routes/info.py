@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from bnfold import __version__
 
 from ...errors import problem_responses
-from ...schemas import Info, JobOptionsIn, Limits
+from ...schemas import ImageSampleLimits, Info, JobOptionsIn, Limits
 from ..deps import Owner, SettingsDep
 
 router = APIRouter(prefix="/v1", tags=["info"])
@@ -19,6 +19,7 @@ async def info(_: Owner, settings: SettingsDep) -> Info:
     limits = Limits(
         max_model_bytes=int(settings.max_model_bytes), max_samples_bytes=int(settings.max_samples_bytes),
         max_queued_jobs=settings.max_queued_jobs, workers=settings.workers, job_timeout_s=settings.job_timeout,
-        max_wait_s=settings.max_wait,
+        max_wait_s=settings.max_wait, job_threads=settings.resolved_job_threads,
+        images=ImageSampleLimits(**settings.image_limits()),
     )
     return Info(name="bnfold", version=__version__, api_version="v1", limits=limits, default_options=JobOptionsIn())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import json
 import shutil
 import time
@@ -15,6 +16,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
 
+from bnfold.images import ImageLimits
 from bnfold.pipeline import JobOptions, precheck
 
 from ... import crud
@@ -39,8 +41,10 @@ UPLOAD_BODY = {
                 "model": {"type": "string", "format": "binary",
                           "description": "The ONNX model (self-contained, with BatchNormalization nodes)."},
                 "samples": {"type": "string", "format": "binary",
-                            "description": "Unlabeled samples of the new domain: .npy (single-input models) "
-                                           "or .npz (one array per input name)."},
+                            "description": "Unlabeled samples of the new domain, recognised by content: .npy "
+                                           "(single-input models), .npz (one array per input name), or a .zip / "
+                                           ".tar / .tar.gz / .tar.bz2 / .tar.xz archive of PNG, JPEG, BMP or TIFF "
+                                           "images (single-input models; see options.preprocess)."},
                 "options": {"$ref": "#/components/schemas/JobOptionsIn"},
             },
         },
@@ -196,8 +200,9 @@ async def _receive_checked(request: Request, directory, settings, metrics) -> tu
         metrics.bytes_in.labels("model").inc(upload.model_bytes)
         metrics.bytes_in.labels("samples").inc(upload.samples_bytes)
         options = _parse_options(upload.options)
-        JobOptions(**options)  # the core's own checks (InvalidOptions → 422)
-        await to_thread.run_sync(precheck, upload.model_path, upload.samples_path)
+        # the core's own checks (InvalidOptions → 422), then the first batch as the job will read it
+        checked = JobOptions(**options, image_limits=ImageLimits(**settings.image_limits()))
+        await to_thread.run_sync(functools.partial(precheck, upload.model_path, upload.samples_path, options=checked))
         return upload, options
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
