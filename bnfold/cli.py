@@ -21,6 +21,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from . import __version__
+from .cli_remote import jobs_app
 from .errors import BnfoldError, InvalidOptions
 from .pipeline import JobOptions, fold_file, recalibrate_files
 from .report import Report
@@ -31,6 +32,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.add_typer(jobs_app, name="jobs")
 err = Console(stderr=True, soft_wrap=True)
 out = Console()
 
@@ -74,6 +76,9 @@ def recalibrate_command(
     ] = "2GiB",
     fold: Annotated[bool, typer.Option("--fold/--no-fold", help="Fold BN into neighbouring layers (--no-fold: only BN mean/var change).")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    server: Annotated[Optional[str], typer.Option(
+        "--server", help="Run the job on a bnfold service at this URL (API key from BNFOLD_API_KEY; needs the 'client' "
+                         "extra) instead of here: same outputs; --memory-budget is then the server's.")] = None,
     preprocess: Annotated[Optional[Path], _image_option("--preprocess", "JSON preprocessing spec; the flags below override its fields, "
                                                         "which override the spec the model carries.")] = None,
     resize: Annotated[Optional[str], _image_option("--resize", "Shorter side (256) or exact HxW (224x320).")] = None,
@@ -97,8 +102,13 @@ def recalibrate_command(
         options = JobOptions(fold=fold, batch_size=batch_size, memory_budget=parse_bytes(memory_budget),
                              preprocess=spec, on_bad_image=on_bad_image)
         _check_writable(output, report)
-        with _progress(quiet) as callback:
-            job = recalibrate_files(model, samples, options, progress=callback)
+        if server is not None:
+            from .cli_remote import recalibrate_remote
+
+            job = recalibrate_remote(server, model, samples, options, quiet)
+        else:
+            with _progress(quiet) as callback:
+                job = recalibrate_files(model, samples, options, progress=callback)
         _write_outputs(output, job, report)
         if not quiet:
             _print_summary(job.report, output, report)
