@@ -30,24 +30,15 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def held_server(tmp_path_factory):
     """Jobs wait in their process while the hold is on (see service_testapp); one worker, one queue slot."""
-    srv = Server(tmp_path_factory.mktemp("client-held") / "data", held=True,
-                 env={"BNFOLD_WORKERS": "1", "BNFOLD_MAX_QUEUED_JOBS": "1"})
-    srv.start()
-    yield srv
-    srv.release()
-    srv.stop()
+    with Server.single_slot(tmp_path_factory.mktemp("client-held") / "data") as srv:
+        yield srv
 
 
 @pytest.fixture
 def held(held_server):
-    """The held server with the hold on; afterwards the hold is off and unfinished jobs are cancelled."""
-    held_server.hold()
-    yield held_server
-    held_server.release()
-    with held_server.client() as client:
-        for state in ("queued", "running"):
-            for job in client.get("/v1/jobs", params={"state": state, "limit": 100}).json()["items"]:
-                client.delete(job["url"])
+    """The held server with the hold on; afterwards hold off and every unfinished job cancelled."""
+    with held_server.holding():
+        yield held_server
 
 
 @pytest.fixture

@@ -7,6 +7,8 @@ are talked to over HTTP with httpx, exactly as a deployment pipeline would.
 
 from __future__ import annotations
 
+import contextlib
+
 import io
 import json
 import os
@@ -168,6 +170,31 @@ class Server:
 
     def release(self) -> None:
         (self.hold_dir / "hold").unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def holding(self):
+        """The hold on for the block; afterwards off, and every unfinished job cancelled."""
+        self.hold()
+        try:
+            yield self
+        finally:
+            self.release()
+            with self.client() as client:
+                for state in ("queued", "running"):
+                    for job in client.get("/v1/jobs", params={"state": state, "limit": 100}).json()["items"]:
+                        client.delete(job["url"])
+
+    @classmethod
+    @contextlib.contextmanager
+    def single_slot(cls, data_dir: Path):
+        """A started server whose jobs can be held: one worker, one queue slot."""
+        srv = cls(data_dir, held=True, env={"BNFOLD_WORKERS": "1", "BNFOLD_MAX_QUEUED_JOBS": "1"})
+        srv.start()
+        try:
+            yield srv
+        finally:
+            srv.release()
+            srv.stop()
 
     def worker_pid(self, job_id: str, timeout: float = 30.0) -> int:
         path = self.hold_dir / f"{job_id}.pid"

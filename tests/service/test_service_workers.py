@@ -18,24 +18,15 @@ from service_helpers import Server, pid_gone, submit, wait_for
 @pytest.fixture(scope="module")
 def held_server(tmp_path_factory):
     """One worker, one queue slot."""
-    srv = Server(tmp_path_factory.mktemp("held") / "data", held=True,
-                 env={"BNFOLD_WORKERS": "1", "BNFOLD_MAX_QUEUED_JOBS": "1"})
-    srv.start()
-    yield srv
-    srv.release()
-    srv.stop()
+    with Server.single_slot(tmp_path_factory.mktemp("held") / "data") as srv:
+        yield srv
 
 
 @pytest.fixture
 def held(held_server):
-    """The held server with the hold on; afterwards: hold off, every unfinished job cancelled."""
-    held_server.hold()
-    yield held_server
-    held_server.release()
-    with held_server.client() as client:
-        for state in ("queued", "running"):
-            for job in client.get("/v1/jobs", params={"state": state, "limit": 100}).json()["items"]:
-                client.delete(job["url"])
+    """The held server with the hold on; afterwards hold off and every unfinished job cancelled."""
+    with held_server.holding():
+        yield held_server
 
 
 def start_held_job(server: Server, client) -> tuple[dict, int]:
