@@ -8,14 +8,19 @@
    out of focus, noisier. The labels of this lab are used only to score.
 3. `bnfold.recalibrate` re-measures the BN statistics on unlabeled new-lab images; we report
    accuracy on *other* new-lab images before and after.
+4. The same, as a lab hands data over: the calibration images as 8-bit PNG files, read with the
+   preprocessing spec the model carries (grey, ×1/255, NCHW), recalibrated, folded and verified by
+   `bnfold.pipeline.recalibrate_files` — what `bnfold recalibrate model.onnx folder/` does.
+   Needs Pillow (extra "images"); without it this step is skipped with a note.
 
 Everything is deterministic given ``seed``, runs offline in a few seconds, and needs only
-numpy, onnx, onnxruntime, scikit-learn and rich.
+numpy, onnx, onnxruntime, scikit-learn and rich (and Pillow for the image step).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +30,17 @@ from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 from rich.table import Table
 
+from .demo_images import write_images
+from .pipeline import JobOptions, recalibrate_files
+from .preprocess import PreprocessSpec, write_spec
 from .recalibrate import recalibrate
 from .report import RECOMMENDED_MIN_SAMPLES, Report
 
 EPS = 1e-5
 N_SOURCE_TRAIN, N_SOURCE_TEST, N_CALIBRATION = 800, 300, 400  # the remaining 297 digits: new-lab evaluation
+# How the lab's 8-bit grey image files become the model's input: pixel / 255 gives the [0, 1] range the
+# model was built on (8-bit quantisation aside), one channel, NCHW. Carried in model.onnx's metadata.
+IMAGE_SPEC = PreprocessSpec(color="grey", scale=1 / 255, layout="NCHW")
 
 
 @dataclasses.dataclass
@@ -45,6 +56,13 @@ class DemoResult:
     samples_path: Path
     recalibrated_path: Path
     report_path: Path
+    # The image step (None when Pillow is missing): the calibration set as PNG files, and the model
+    # recalibrated from them, folded (no BN left) and verified, scored on the same evaluation images.
+    images_path: Path | None = None
+    from_images_path: Path | None = None
+    from_images_accuracy: float | None = None
+    from_images_fold: dict | None = None  # report.extra["fold"] and ["verification"] of that job
+    from_images_verification: dict | None = None
 
 
 def load_digits_images() -> tuple[np.ndarray, np.ndarray]:
@@ -157,7 +175,9 @@ def accuracy(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray) -> 
 
 
 def run_demo(out_dir: Path, *, seed: int = 0, console: Console | None = None) -> DemoResult:
-    """Build, shift, recalibrate, score; write model.onnx, samples.npy, recalibrated.onnx, report.json to ``out_dir``."""
+    """Build, shift, recalibrate, score; write model.onnx (carrying `IMAGE_SPEC`), samples.npy,
+    recalibrated.onnx, report.json to ``out_dir``; then, with Pillow, new-lab-images/ (the calibration
+    set as PNG) and recalibrated-from-images.onnx (recalibrated from them, folded and verified)."""
     console = console or Console()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -171,6 +191,7 @@ def run_demo(out_dir: Path, *, seed: int = 0, console: Console | None = None) ->
     evaluation_labels = split["new_lab_labels"][N_CALIBRATION:]
 
     paths = {name: out_dir / name for name in ("model.onnx", "samples.npy", "recalibrated.onnx", "report.json")}
+    write_spec(model, IMAGE_SPEC)
     onnx.save(model, paths["model.onnx"])
     np.save(paths["samples.npy"], calibration)
     result = recalibrate(model, calibration)
@@ -189,7 +210,45 @@ def run_demo(out_dir: Path, *, seed: int = 0, console: Console | None = None) ->
         report_path=paths["report.json"],
     )
     _print(console, demo, result.report)
+    _from_images(console, demo, calibration, evaluation, evaluation_labels)
     return demo
+
+
+def _from_images(console: Console, demo: DemoResult, calibration: np.ndarray, evaluation: np.ndarray,
+                 evaluation_labels: np.ndarray) -> None:
+    """Write the calibration set as PNG, recalibrate model.onnx from the folder (fold on), score, print."""
+    try:
+        import PIL  # noqa: F401  (the "images" extra)
+    except ImportError:
+        console.print("\n[dim](skipped recalibrating from image files: needs Pillow — pip install 'bnfold\\[images]')[/dim]")
+        return
+    out_dir = demo.model_path.parent
+    folder, target = out_dir / "new-lab-images", out_dir / "recalibrated-from-images.onnx"
+    write_images(calibration, folder, fmt="png", prefix="digit")  # 8-bit grey: round(x·255)
+    job = recalibrate_files(demo.model_path, folder, JobOptions(fold=True))
+    onnx.save(job.model, target)
+    demo.images_path, demo.from_images_path = folder, target
+    demo.from_images_accuracy = accuracy(job.model, evaluation, evaluation_labels)
+    demo.from_images_fold = job.report.extra.get("fold")
+    demo.from_images_verification = job.report.extra.get("verification")
+
+    verification = demo.from_images_verification or {}
+    worst = max((o["max_abs"] for o in verification.get("outputs", [])), default=0.0)
+    left = sum(node.op_type == "BatchNormalization" for node in job.model.graph.node)
+    folded = "folded: no BatchNormalization left" if not left else f"{left} BatchNormalization node(s) left unfolded"
+    console.print(
+        f"\n[bold]From image files[/bold], as a lab hands them over: the same {demo.calibration_samples} images as 8-bit PNG,\n"
+        "read with the preprocessing spec model.onnx carries (grey, ×1/255, NCHW), recalibrated, then\n"
+        f"BatchNorm folded into the convolutions and verified against the unfolded model (max |Δ| = {worst:.3g}).\n"
+        f"  new lab, recalibrated from PNG files  [bold green]{demo.from_images_accuracy:6.1%}[/bold green]"
+        f"  ({folded})\n"
+        "\nFiles written:\n"
+        f"  {folder}{os.sep}  ({demo.calibration_samples} PNG files)\n"
+        f"  {target}\n"
+        "\nThe same from the command line:\n"
+        f"  bnfold recalibrate {demo.model_path} {folder} -o {target}",
+        soft_wrap=True,
+    )
 
 
 def _print(console: Console, demo: DemoResult, report: Report) -> None:
