@@ -12,12 +12,14 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Engine, Float, Index, Integer, String, create_engine, event
+from sqlalchemy import JSON, BigInteger, DateTime, Engine, Float, Index, Integer, String, create_engine, event, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 FINAL = ("succeeded", "failed", "cancelled")
+#: PostgreSQL advisory lock taken while creating the schema (any constant bigint; "bnfold" in ASCII)
+SCHEMA_LOCK_KEY = 0x626E666F6C64
 
 
 def utcnow() -> dt.datetime:
@@ -66,7 +68,12 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    Base.metadata.create_all(engine)
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Replicas starting together would all see no table and all CREATE it (DuplicateTable):
+            # one at a time, under a lock held until this transaction ends (PostgreSQL DDL is transactional).
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        Base.metadata.create_all(connection)
     return engine
 
 
