@@ -73,7 +73,8 @@ def is_batchnorm(node: onnx.NodeProto) -> bool:
 
 
 def opset_version(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 1)
+    """The default-domain opset (a model that imports none gets the newest this onnx knows)."""
+    return next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), onnx.defs.onnx_opset_version())
 
 
 def is_constant_node(node: onnx.NodeProto) -> bool:

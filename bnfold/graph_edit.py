@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
-from .graph import DEFAULT_DOMAINS, constant_node_tensor, is_batchnorm, is_constant_node, node_inputs, subgraphs
+from .graph import constant_node_tensor, is_batchnorm, is_constant_node, node_inputs, opset_version, subgraphs
 
 _LARGE = 1024  # elements: initializers above this are stood in for by typed inputs during inference
 
@@ -27,9 +27,7 @@ class EditableGraph:
     def __init__(self, model: onnx.ModelProto):
         self.model = model
         self.graph = model.graph
-        self.opset = next(
-            (o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), onnx.defs.onnx_opset_version()
-        )
+        self.opset = opset_version(model)
         # Before IR 4 every initializer is also listed as an input, yet it is a constant.
         self.legacy_inputs = model.ir_version < 4
         self.nodes = [_copy(n) for n in self.graph.node]

@@ -7,7 +7,6 @@ checker run on the bytes we were given; every failure becomes `InvalidModel` wit
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import onnx
@@ -71,6 +70,3 @@ def _all_tensors(graph: onnx.GraphProto):
         for sub in subgraphs(node):
             yield from _all_tensors(sub)
 
-
-def sha256(model: onnx.ModelProto) -> str:
-    return hashlib.sha256(model.SerializeToString()).hexdigest()

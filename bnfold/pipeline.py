@@ -119,7 +119,7 @@ def recalibrate_files(
         final,
         # the folded model keeps the preprocessing its statistics were measured with
         images.spec.to_json() if images is not None else _carried_spec(model),
-        source_sha256=hashlib.sha256(data).hexdigest(),
+        source_sha256=provenance.sha256_bytes(data),
         samples=result.report.samples,
         samples_sha256=images.sha256 if images is not None else _file_sha256(samples_path),
         options=_provenance_options(options),
@@ -159,7 +159,7 @@ def fold_file(model_source: str | os.PathLike | bytes, options: JobOptions = Job
     report = Report(samples=0, batches=0, layers=[])
     final = _fold_and_verify(model, report, None, options)
     _stamp(
-        final, _carried_spec(model), source_sha256=hashlib.sha256(data).hexdigest(), samples=None, samples_sha256=None,
+        final, _carried_spec(model), source_sha256=provenance.sha256_bytes(data), samples=None, samples_sha256=None,
         options=_provenance_options(options),
     )
     return JobOutput(final, report)
