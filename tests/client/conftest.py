@@ -20,11 +20,8 @@ from service_helpers import KEY_A, Server  # noqa: E402
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """A plain server (keys A, B): small upload limits so 413 is cheap to provoke."""
-    srv = Server(tmp_path_factory.mktemp("client") / "data",
-                 env={"BNFOLD_MAX_MODEL_BYTES": "64KiB", "BNFOLD_MAX_SAMPLES_BYTES": "256KiB", "BNFOLD_MAX_WAIT": "20"})
-    srv.start()
-    yield srv
-    srv.stop()
+    with Server.small_limits(tmp_path_factory.mktemp("client") / "data") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="session")

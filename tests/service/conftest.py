@@ -19,8 +19,5 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """The shared server: small upload limits, two workers, keys A, B and FUZZ."""
-    srv = Server(tmp_path_factory.mktemp("main") / "data",
-                 env={"BNFOLD_MAX_MODEL_BYTES": "64KiB", "BNFOLD_MAX_SAMPLES_BYTES": "256KiB", "BNFOLD_MAX_WAIT": "20"})
-    srv.start()
-    yield srv
-    srv.stop()
+    with Server.small_limits(tmp_path_factory.mktemp("main") / "data") as srv:
+        yield srv

@@ -186,6 +186,17 @@ class Server:
 
     @classmethod
     @contextlib.contextmanager
+    def small_limits(cls, data_dir: Path):
+        """A started server with small upload limits (413 is cheap to provoke) and a short max wait."""
+        srv = cls(data_dir, env={"BNFOLD_MAX_MODEL_BYTES": "64KiB", "BNFOLD_MAX_SAMPLES_BYTES": "256KiB", "BNFOLD_MAX_WAIT": "20"})
+        srv.start()
+        try:
+            yield srv
+        finally:
+            srv.stop()
+
+    @classmethod
+    @contextlib.contextmanager
     def single_slot(cls, data_dir: Path):
         """A started server whose jobs can be held: one worker, one queue slot."""
         srv = cls(data_dir, held=True, env={"BNFOLD_WORKERS": "1", "BNFOLD_MAX_QUEUED_JOBS": "1"})
