@@ -13,7 +13,7 @@ Models (exported from torch with the BN nodes kept, ``TrainingMode.PRESERVE``, o
 Variants of each model:
 
   original       the exported model, BN unfolded;
-  bnfold         bnfold.fold_batchnorms(model).model;
+  bnfold         bnfold.folding.fold.fold_batchnorms(model).model;
   onnxoptimizer  onnxoptimizer.optimize(model, ["fuse_bn_into_conv"]);
   onnxslim       onnxslim.slim(model) (default options);
   ort-basic      the model ORT writes to SessionOptions.optimized_model_filepath at ORT_ENABLE_BASIC
@@ -61,7 +61,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from bnfold.fold import fold_batchnorms
+from bnfold.folding.fold import fold_batchnorms
 
 VARIANTS = ("original", "bnfold", "onnxoptimizer", "onnxslim", "ort-basic", "ort-extended")
 LEVELS = {"on": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}

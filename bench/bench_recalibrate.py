@@ -127,7 +127,7 @@ def _work_bnfold(args, x, info):
     info["versions"]["bnfold"] = bnfold.__version__
     model = onnx.load(args.model)
     if args.samples_source == "npy":  # bnfold's own lazy .npy reader: samples never all in RAM
-        from bnfold.samples import load_samples
+        from bnfold.inputs.arrays import load_samples
 
         samples = load_samples(args.samples_file)
     else:

@@ -116,7 +116,7 @@ def ort_ops(proto, model_path: str, x, bs: int) -> None:
 
     import bnfold
 
-    module = sys.modules["bnfold.recalibrate"]
+    module = sys.modules["bnfold.engine.recalibrate"]
     if getattr(module, "ort", None) is not ort:
         raise SystemExit("--ort-ops: bnfold.recalibrate no longer calls onnxruntime through `ort`")
     with tempfile.TemporaryDirectory(prefix="bnfold-ortprof-") as tmp:

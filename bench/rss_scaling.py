@@ -14,7 +14,7 @@ import time
 import onnx
 
 import bnfold
-from bnfold.samples import load_samples
+from bnfold.inputs.arrays import load_samples
 
 from . import models
 

@@ -2,7 +2,8 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .errors import (
+from bnfold.engine.recalibrate import RecalibrationResult, recalibrate
+from bnfold.errors import (
     BnfoldError,
     InvalidModel,
     InvalidOptions,
@@ -11,8 +12,7 @@ from .errors import (
     UnsupportedModel,
     VerificationFailed,
 )
-from .recalibrate import RecalibrationResult, recalibrate
-from .report import LayerReport, Report
+from bnfold.report import LayerReport, Report
 
 try:
     __version__ = version("bnfold")

@@ -19,18 +19,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from . import provenance
-from .errors import InvalidOptions, InvalidSamples
-from .fold import fold_batchnorms
-from .model_io import load_model, read_model_bytes
-from .recalibrate import DEFAULT_MEMORY_BUDGET, Progress, recalibrate
-from .graph import require_batchnorms
-from .report import Report
-from .samples import iter_batches, load_samples, model_inputs
-from .verify import check_equivalent
+from bnfold import provenance
+from bnfold.engine.plan import require_batchnorms
+from bnfold.engine.recalibrate import DEFAULT_MEMORY_BUDGET, Progress, recalibrate
+from bnfold.errors import InvalidOptions, InvalidSamples
+from bnfold.folding.fold import fold_batchnorms
+from bnfold.folding.verify import check_equivalent
+from bnfold.inputs.arrays import iter_batches, load_samples, model_inputs
+from bnfold.inputs.model import load_model, read_model_bytes
+from bnfold.report import Report
 
 if TYPE_CHECKING:  # the image extra (Pillow, tifffile, pydantic) is imported only when images are given
-    from .images import ImageLimits, ImageSamples
+    from bnfold.inputs.images import ImageLimits, ImageSamples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,7 @@ class JobOptions:
             raise _on_field(InvalidOptions(f"on_bad_image must be 'fail' or 'skip', got {self.on_bad_image!r}"),
                             "options.on_bad_image")
         if self.preprocess is not None:
-            from .preprocess import PreprocessSpec, check_overrides
+            from bnfold.inputs.preprocess import PreprocessSpec, check_overrides
 
             whole = isinstance(self.preprocess, PreprocessSpec)  # kept as plain JSON data (provenance, service)
             with _naming("options.preprocess"):
@@ -129,7 +129,7 @@ def recalibrate_files(
 
 def _image_samples(model: onnx.ModelProto, path, options: JobOptions) -> tuple[ImageSamples | None, str | None]:
     """ImageSamples when `path` is a folder/archive of images (by content); the spec's origin."""
-    from .image_sources import is_image_source
+    from bnfold.inputs.image_sources import is_image_source
 
     if not is_image_source(path):
         if options.preprocess is not None:
@@ -137,8 +137,8 @@ def _image_samples(model: onnx.ModelProto, path, options: JobOptions) -> tuple[I
                                            f"images), but {os.fspath(path)} holds arrays: drop them or give images"),
                             "options.preprocess")
         return None, None
-    from .images import ImageLimits, ImageSamples
-    from .preprocess import resolve_spec
+    from bnfold.inputs.images import ImageLimits, ImageSamples
+    from bnfold.inputs.preprocess import resolve_spec
 
     with _naming("options.preprocess"):
         spec, origin = resolve_spec(model, options.preprocess)

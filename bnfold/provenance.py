@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .errors import InvalidOptions
+from bnfold.errors import InvalidOptions
 
 PREFIX = "bnfold."
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -42,7 +42,7 @@ def stamp(
     now: _dt.datetime | None = None,
 ) -> None:
     """Write the ``bnfold.*`` provenance entries into ``model.metadata_props`` in place."""
-    from . import __version__  # late: the package imports its modules first
+    from bnfold import __version__  # late: the package imports its modules first
 
     entries = {
         "version": __version__,

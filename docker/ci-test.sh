@@ -207,7 +207,7 @@ podman run --rm --pull=never --entrypoint sh "$IMAGE" -c '
 podman run --rm --pull=never -i --entrypoint python "$IMAGE" -c '
 import re, sys
 from importlib.metadata import distributions
-import bnfold._moments, bnfold.stats
+import bnfold.engine._moments, bnfold.engine.moments
 norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
 pinned = {norm(n): v for n, v in (line.strip().split("==") for line in sys.stdin if line.strip() and not line.startswith("#"))}
 installed = {norm(d.metadata["Name"]): d.version for d in distributions()}
@@ -215,7 +215,7 @@ assert installed.pop("bnfold", None), "bnfold is not installed"
 if installed != pinned:
     sys.exit(f"installed != docker/constraints.txt: extra/different {sorted(set(installed.items()) - set(pinned.items()))}, "
              f"missing/different {sorted(set(pinned.items()) - set(installed.items()))}")
-assert bnfold.stats._kernel is not None, "bnfold.stats does not use the C kernel"
+assert bnfold.engine.moments._kernel is not None, "bnfold.engine.moments does not use the C kernel"
 print(f"{len(installed)} distributions, exactly the pins; bnfold C kernel loaded")' <docker/constraints.txt
 
 # ----------------------------------------------------------------------------- secure default

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bnfold.errors import BnfoldError
-from bnfold.images import ImageLimits
+from bnfold.inputs.images import ImageLimits
 from bnfold.pipeline import JobOptions, recalibrate_files
 
 from . import errors

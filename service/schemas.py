@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from bnfold.preprocess import PreprocessSpec
+from bnfold.inputs.preprocess import PreprocessSpec
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -17,7 +17,7 @@ JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 Preprocess = Annotated[
     dict[str, Any] | None,
     WithJsonSchema({"anyOf": [{**PreprocessSpec.model_json_schema(), "title": "PreprocessSpec",
-                               "description": "Fields of bnfold.preprocess.PreprocessSpec, any subset."},
+                               "description": "Fields of bnfold.inputs.preprocess.PreprocessSpec, any subset."},
                               {"type": "null"}]}),
 ]
 
@@ -119,7 +119,7 @@ class JobList(BaseModel):
 
 
 class ImageSampleLimits(BaseModel):
-    """Bounds on image samples (bnfold.images.ImageLimits), checked before anything is decoded."""
+    """Bounds on image samples (bnfold.inputs.images.ImageLimits), checked before anything is decoded."""
 
     max_members: int = Field(description="Files in a folder or archive, of every kind.")
     max_total_bytes: int = Field(description="All images of the archive together, uncompressed.")

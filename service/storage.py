@@ -8,7 +8,7 @@
 The samples file is named by its content, never by the client's file name: samples.npy,
 samples.npz (a zip of .npy arrays), or an archive of images — samples.zip, samples.tar,
 samples.tar.gz / .tar.bz2 / .tar.xz. The core decides arrays-or-images by content too
-(`bnfold.image_sources.is_image_source`, which this module asks for zips, so both agree); the name
+(`bnfold.inputs.image_sources.is_image_source`, which this module asks for zips, so both agree); the name
 only keeps the job directory, the report (``extra.images.source``) and the logs honest.
 
 Why a hand-written multipart sink rather than FastAPI's ``UploadFile``: Starlette's form parser
@@ -31,7 +31,7 @@ from pathlib import Path
 from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
-from bnfold.image_sources import is_image_source
+from bnfold.inputs.image_sources import is_image_source
 
 from .errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 

@@ -18,17 +18,10 @@ from onnx import helper, numpy_helper
 from reference import reference_recalibrate
 
 import bnfold
-from bnfold.errors import (
-    BnfoldError,
-    InvalidModel,
-    InvalidOptions,
-    InvalidSamples,
-    NoBatchNorm,
-    UnsupportedModel,
-)
-from bnfold.graph import constant_values
-from bnfold.model_io import check_model, load_model
-from bnfold.samples import load_samples
+from bnfold.errors import BnfoldError, InvalidModel, InvalidOptions, InvalidSamples, NoBatchNorm, UnsupportedModel
+from bnfold.inputs.arrays import load_samples
+from bnfold.inputs.model import check_model, load_model
+from bnfold.onnx_graph import constant_values
 
 REL = 1e-4  # engine (float32 activations) vs the float64 reference, relative to std / var
 

@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     job_memory_budget: ByteSize = Field(ByteSize(512 * 2**20), ge=0, description="RAM a job keeps between BN levels.")
     job_threads: int | None = Field(None, ge=1, le=1024, description="ONNX Runtime threads per job; default: "
                                     "usable cores // workers, at least 1 (see resolved_job_threads).")
-    # image samples (bnfold.images.ImageLimits), checked before anything is decoded
+    # image samples (bnfold.inputs.images.ImageLimits), checked before anything is decoded
     max_archive_files: int = Field(100_000, ge=1, description="Files in an image archive, of every kind (max_members).")
     max_archive_unpacked_bytes: ByteSize = Field(ByteSize(4 * 2**30), ge=1,
                                                  description="All images of an archive, uncompressed (max_total_bytes).")
@@ -93,7 +93,7 @@ class Settings(BaseSettings):
         return max(1, cores // self.workers)
 
     def image_limits(self) -> dict[str, int]:
-        """Keyword arguments of `bnfold.images.ImageLimits` (kept a plain dict: no bnfold import here)."""
+        """Keyword arguments of `bnfold.inputs.images.ImageLimits` (kept a plain dict: no bnfold import here)."""
         return {
             "max_members": self.max_archive_files, "max_total_bytes": int(self.max_archive_unpacked_bytes),
             "max_file_bytes": int(self.max_image_file_bytes), "max_image_pixels": self.max_image_pixels,

@@ -10,7 +10,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
 
 try:
-    import fastapi, httpx, python_multipart, sqlalchemy, tenacity, uvicorn  # noqa: F401, E401
+    import fastapi  # noqa: F401, E401
+    import httpx
+    import python_multipart
+    import sqlalchemy
+    import tenacity
+    import uvicorn
 except ImportError:  # the 'service' or 'client' extra is not installed
     collect_ignore_glob = ["test_*.py"]
 

@@ -16,9 +16,16 @@ from service_helpers import KEY_A, KEY_B, free_port, npy_bytes, samples_array, t
 
 import bnfold.errors as core
 from bnfold.client import AsyncClient, Client
-from bnfold.client_errors import (ClientError, ConnectionFailed, JobFailed, NotFound, PayloadTooLarge, RequestRejected,
-                                  Unauthorized)
-from bnfold.client_uploads import _NpyReader
+from bnfold.client.errors import (
+    ClientError,
+    ConnectionFailed,
+    JobFailed,
+    NotFound,
+    PayloadTooLarge,
+    RequestRejected,
+    Unauthorized,
+)
+from bnfold.client.uploads import _NpyReader
 from bnfold.pipeline import JobOptions, recalibrate_files
 
 

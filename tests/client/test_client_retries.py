@@ -17,8 +17,17 @@ import service_helpers
 from service_helpers import KEY_A, samples_array, tiny_model
 
 from bnfold.client import Client
-from bnfold.client_errors import (ConnectionFailed, JobCancelled, JobFailed, NotFound, NotReady, RequestRejected,
-                                  ServerBusy, ServerError, WaitTimeout)
+from bnfold.client.errors import (
+    ConnectionFailed,
+    JobCancelled,
+    JobFailed,
+    NotFound,
+    NotReady,
+    RequestRejected,
+    ServerBusy,
+    ServerError,
+    WaitTimeout,
+)
 
 # ------------------------------------------------------------------------ real held servers
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import pytest
-
 from service_helpers import Server
 
 try:
-    import fastapi, httpx, prometheus_client, python_multipart, sqlalchemy, uvicorn  # noqa: F401, E401
+    import fastapi  # noqa: F401, E401
+    import httpx
+    import prometheus_client
+    import python_multipart
+    import sqlalchemy
+    import uvicorn
 except ImportError:  # the 'service' extra is not installed: nothing here can run
     collect_ignore_glob = ["test_*.py"]
 

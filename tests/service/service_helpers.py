@@ -8,7 +8,6 @@ are talked to over HTTP with httpx, exactly as a deployment pipeline would.
 from __future__ import annotations
 
 import contextlib
-
 import io
 import json
 import os

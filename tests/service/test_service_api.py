@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from service_helpers import KEY_A, KEY_B, npy_bytes, samples_array, submit, tiny_model, wait_for
 
 from bnfold.pipeline import JobOptions, recalibrate_files
-from service_helpers import KEY_A, KEY_B, npy_bytes, samples_array, submit, tiny_model, wait_for
 
 PROBLEM = "application/problem+json"
 

@@ -10,10 +10,10 @@ import sys
 import httpx
 import pytest
 from pydantic import ValidationError
+from service_helpers import REPO, Server
 
 from service.core.config import ConfigError, Settings, is_loopback
 from service.main import serve
-from service_helpers import REPO, Server
 
 GOOD = "k" * 20
 
@@ -102,7 +102,7 @@ def test_job_threads_share_the_cores_between_workers_unless_set(monkeypatch):
 
 
 def test_image_limits_come_from_bnfold_variables(monkeypatch):
-    from bnfold.images import ImageLimits
+    from bnfold.inputs.images import ImageLimits
 
     monkeypatch.setenv("BNFOLD_MAX_ARCHIVE_UNPACKED_BYTES", "1GiB")
     monkeypatch.setenv("BNFOLD_MAX_IMAGE_PIXELS", "4096")

@@ -15,11 +15,11 @@ import zipfile
 import numpy as np
 import onnx
 import pytest
+from service_helpers import npy_bytes, samples_array, submit, tiny_model
 
 from bnfold.pipeline import JobOptions, recalibrate_files
 from service.errors import UnsupportedMediaType
 from service.storage import _place_samples
-from service_helpers import npy_bytes, samples_array, submit, tiny_model
 
 Image = pytest.importorskip("PIL.Image")
 pytest.importorskip("tifffile")

@@ -6,12 +6,12 @@ import multiprocessing as mp
 import tempfile
 
 import numpy as np
+from service_helpers import samples_array, tiny_model
 
 import bnfold.pipeline as pipeline
 from service.core.config import Settings
 from service.job import job_runtime, run_job
 from service.schemas import JobOptionsIn
-from service_helpers import samples_array, tiny_model
 
 
 def test_job_spills_into_its_directory_and_uses_the_configured_threads(tmp_path, monkeypatch):

@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from service_helpers import KEY_B, Server, free_port, submit, wait_for
 
 PG_USER = "postgres"  # the OS user initdb runs as when the tests run as root

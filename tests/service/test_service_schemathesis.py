@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-
 from service_helpers import KEY_FUZZ, REPO, submit
 
 MAX_EXAMPLES = 25

@@ -11,7 +11,6 @@ import os
 import signal
 
 import pytest
-
 from service_helpers import Server, pid_gone, submit, wait_for
 
 

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
 
-from bnfold.images import ImageLimits
+from bnfold.inputs.images import ImageLimits
 from bnfold.pipeline import JobOptions, precheck
 
 from ... import crud

@@ -1,0 +1,3 @@
+from bnfold.cli.main import main
+
+main()

@@ -1,0 +1,176 @@
+"""The `bnfold` command line: recalibrate (and fold) a model on a laptop, no server needed.
+
+Every failure a user can cause ends in one readable line on stderr and a non-zero exit status:
+1 for bad input (`BnfoldError`), 70 for a bug in bnfold (with a request to report it).
+Outputs are written to a temporary file next to the target and renamed into place, so an
+interrupted run never leaves a truncated model behind.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from bnfold import __version__
+from bnfold.cli.output import (
+    EXIT_BAD_INPUT,
+    check_writable,
+    err,
+    errors_to_exit,
+    out,
+    print_fold,
+    print_summary,
+    progress_bar,
+    write_outputs,
+)
+from bnfold.cli.remote import jobs_app
+from bnfold.errors import InvalidOptions
+from bnfold.pipeline import JobOptions, fold_file, recalibrate_files
+
+app = typer.Typer(
+    help="Recalibrate BatchNorm statistics of ONNX models on a new domain, exactly, and fold BN away.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(jobs_app, name="jobs")
+
+
+def main() -> None:
+    app()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"bnfold {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
+
+
+def _image_option(name: str, help: str):
+    return typer.Option(name, help=help, rich_help_panel="Image samples (folder or archive)")
+
+
+@app.command("recalibrate")
+def recalibrate_command(
+    model: Annotated[Path, typer.Argument(help="ONNX model with BatchNormalization nodes.")],
+    samples: Annotated[Path, typer.Argument(help=".npy (single-input models), .npz (one array per input name), or a folder / "
+                                               ".zip / .tar(.gz) of PNG, JPEG, BMP or TIFF images.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the recalibrated model.")],
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write the JSON report here.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per inference call (≥ 1).")] = 64,
+    memory_budget: Annotated[
+        str, typer.Option("--memory-budget", help="RAM for tensors kept between BN levels (e.g. 512MiB, 2GiB); the rest spills to disk.")
+    ] = "2GiB",
+    fold: Annotated[bool, typer.Option("--fold/--no-fold", help="Fold BN into neighbouring layers (--no-fold: only BN mean/var change).")] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    server: Annotated[Optional[str], typer.Option(
+        "--server", help="Run the job on a bnfold service at this URL (API key from BNFOLD_API_KEY; needs the 'client' "
+                         "extra) instead of here: same outputs; --memory-budget is then the server's.")] = None,
+    preprocess: Annotated[Optional[Path], _image_option("--preprocess", "JSON preprocessing spec; the flags below override its fields, "
+                                                        "which override the spec the model carries.")] = None,
+    resize: Annotated[Optional[str], _image_option("--resize", "Shorter side (256) or exact HxW (224x320).")] = None,
+    crop: Annotated[Optional[str], _image_option("--crop", "Center crop: 224 or HxW; zero-pads if larger.")] = None,
+    color: Annotated[Optional[str], _image_option("--color", "rgb, grey or keep (the decoded channels).")] = None,
+    channels: Annotated[Optional[str], _image_option("--channels", "Channels to keep, in order, e.g. 2,1,0 for BGR.")] = None,
+    scale: Annotated[Optional[str], _image_option("--scale", "Pixel multiplier: auto (1/255, 1/65535 by depth), 1/255, 0.5 ...")] = None,
+    mean: Annotated[Optional[str], _image_option("--mean", "Per-channel mean after scaling, e.g. 0.485,0.456,0.406.")] = None,
+    std: Annotated[Optional[str], _image_option("--std", "Per-channel std, e.g. 0.229,0.224,0.225.")] = None,
+    layout: Annotated[Optional[str], _image_option("--layout", "NCHW or NHWC.")] = None,
+    interpolation: Annotated[Optional[str], _image_option("--interpolation", "bilinear (default), nearest, bicubic, box, hamming, lanczos.")] = None,
+    on_bad_image: Annotated[str, _image_option("--on-bad-image", "fail on an unreadable or mismatched image, or skip it (listed in the report).")] = "fail",
+) -> None:
+    """Recompute every BN's population mean/var on unlabeled samples of the new domain."""
+    with errors_to_exit():
+        from bnfold.inputs.preprocess import overrides_from_text
+
+        spec = overrides_from_text(
+            None if preprocess is None else str(preprocess), resize=resize, center_crop=crop, color=color, channels=channels,
+            scale=scale, mean=mean, std=std, layout=layout, interpolation=interpolation)
+        options = JobOptions(fold=fold, batch_size=batch_size, memory_budget=parse_bytes(memory_budget),
+                             preprocess=spec, on_bad_image=on_bad_image)
+        check_writable(output, report)
+        if server is not None:
+            from bnfold.cli.remote import recalibrate_remote
+
+            job = recalibrate_remote(server, model, samples, options, quiet)
+        else:
+            with progress_bar(quiet) as callback:
+                job = recalibrate_files(model, samples, options, progress=callback)
+        write_outputs(output, job, report)
+        if not quiet:
+            print_summary(job.report, output, report)
+
+
+@app.command("fold")
+def fold_command(
+    model: Annotated[Path, typer.Argument(help="ONNX model with BatchNormalization nodes.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the folded model.")],
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write the JSON report here.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
+) -> None:
+    """Fold BN into neighbouring layers without recalibrating (verified on random inputs)."""
+    with errors_to_exit():
+        check_writable(output, report)
+        job = fold_file(model)
+        write_outputs(output, job, report)
+        if not quiet:
+            print_fold(job.report)
+            out.print(f"wrote {output}")
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MiB', '100MB', '0' → bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*((?:[KMGT]i?)?B?)\s*", text, re.IGNORECASE)
+    if not match:
+        raise InvalidOptions(f"cannot read memory budget '{text}': use e.g. 512MiB or 2GiB")
+    number, unit = float(match.group(1)), (match.group(2) or "").upper().rstrip("B")
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+    return int(number * scale[unit])
+
+
+@app.command("demo")
+def demo_command(
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for the demo's files.")] = Path("demo-out"),
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Build a small BN model and 'new lab' samples, recalibrate, and show the accuracy recovered."""
+    with errors_to_exit():
+        from bnfold.demo.run import run_demo
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run_demo(out_dir, seed=seed, console=out)
+
+
+@app.command("serve")
+def serve_command(
+    host: Annotated[str, typer.Option(help="Address to bind; without BNFOLD_API_KEYS only loopback is allowed.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+) -> None:
+    """Run the HTTP jobs API (needs the 'service' extra). Configured by BNFOLD_* variables; see service/README.md."""
+    try:
+        from service.core.config import ConfigError
+        from service.main import serve
+    except ImportError as exc:
+        err.print(f"[bold red]error:[/] cannot start the service ({exc}); install it with: pip install 'bnfold\\[service]'",
+                  highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    from pydantic import ValidationError
+
+    try:
+        serve(host, port)
+    except (ConfigError, ValidationError) as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+
