@@ -10,28 +10,30 @@
 download; the job is cancelled if the wait is interrupted or times out), and the single steps
 `submit`, `get`, `wait`, `download`, `report`, `cancel`, `list`, `info`.
 
-Retries (tenacity): a request is retried with exponential backoff and jitter (0.25 s doubling to
-4 s) for up to ``retry_for`` seconds (default 30) when the server could not be reached or answered
-429 / 502 / 503 / 504; ``Retry-After`` is honoured, and a pause longer than the remaining budget
-ends the retries at once. GETs are also retried when a connection broke mid-answer; POST and
-DELETE only when the request cannot have been acted on (connection refused or never established,
-429/503), so a retry never creates a second job. Other 4xx and 500 are never retried. Polling
-(`wait`) starts at 0.1 s and backs off to 2 s; each poll is a GET with the same retries, so a
-server restart during a wait is ridden out when it takes less than ``retry_for``.
+Retries (tenacity, `bnfold.client.retries`): a request is retried with exponential backoff and
+jitter (0.25 s doubling to 4 s) for up to ``retry_for`` seconds (default 30) when the server could
+not be reached or answered 429 / 502 / 503 / 504; ``Retry-After`` is honoured, and a pause longer
+than the remaining budget ends the retries at once. GETs are also retried when a connection broke
+mid-answer; POST and DELETE only when the request cannot have been acted on (connection refused or
+never established, 429/503), so a retry never creates a second job. Other 4xx and 500 are never
+retried. Polling (`wait`) starts at 0.1 s and backs off to 2 s; each poll is a GET with the same
+retries, so a server restart during a wait is ridden out when it takes less than ``retry_for``.
 
 Errors are typed from the problem+json body (`bnfold.client.errors` has the table); a bad model or
 bad samples raise the same `bnfold.errors` classes as a local run.
+
+How it is built: `_Api` holds every endpoint once, as a generator of I/O-free steps
+(`bnfold.client.protocol`); `Client` and `AsyncClient` differ only in how they carry a step out.
+Adding an endpoint is one ``@endpoint`` generator in `_Api`; a job option or optional upload is one
+field of `bnfold.client.uploads.SubmitOptions`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import hashlib
 import ipaddress
-import json
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -41,7 +43,7 @@ from urllib.parse import quote, urlsplit
 
 try:
     import httpx
-    import tenacity
+    import tenacity  # noqa: F401 (checked here so the hint below names the extra)
 except ImportError as exc:  # the 'client' extra
     raise ImportError(f"bnfold.client needs httpx and tenacity: pip install 'bnfold[client]' ({exc})") from exc
 
@@ -57,31 +59,29 @@ from bnfold.client.errors import (
     error_from_problem,
 )
 from bnfold.client.jobs import Job, Result, report_from_dict, write_atomic
-from bnfold.client.uploads import ModelSource, SamplesSource, model_part, samples_part
+from bnfold.client.protocol import Pause, Run, Send, Steps, endpoint
+from bnfold.client.retries import (
+    RETRY_STATUSES,
+    UNSENT,
+    RetryableAnswer,
+    describe,
+    log,
+    retrying,
+)
+from bnfold.client.uploads import ModelSource, SamplesSource, SubmitOptions, multipart
 from bnfold.errors import BnfoldError
 from bnfold.report import Report
 
-__all__ = ["AsyncClient", "Client", "Job", "Result"]
+__all__ = ["AsyncClient", "Client", "Job", "Result", "SubmitOptions"]
 
 ENV_URL, ENV_KEY = "BNFOLD_URL", "BNFOLD_API_KEY"
-RETRY_STATUSES = frozenset({429, 502, 503, 504})
-#: failures after which the request surely never reached the application: safe to repeat any method
-UNSENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 Progress = Callable[[str, float], None]
 JobRef = Job | str
-log = logging.getLogger("bnfold.client")  # retries and failed clean-ups, at WARNING
-log.addHandler(logging.NullHandler())  # silent unless the application configures logging
 
 
-class _RetryableAnswer(Exception):
-    def __init__(self, response: httpx.Response):
-        super().__init__(f"HTTP {response.status_code}")
-        self.response = response
-        self.retry_after = _retry_after(response.headers.get("retry-after"))
-
-
-class _Base:
-    """Configuration and everything that does not depend on sync vs async I/O."""
+class _Api:
+    """Configuration, and every endpoint of the service written once as a generator of steps
+    (`bnfold.client.protocol`); the subclasses only carry the steps out."""
 
     def __init__(self, url: str | None = None, api_key: str | None = None, *, timeout: float = 60.0,
                  retry_for: float = 30.0, poll_interval: tuple[float, float] = (0.1, 2.0),
@@ -102,38 +102,137 @@ class _Base:
         self._timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
         self._sleep: Callable[[float], Any] = time.sleep  # replaced by the async client (and by tests)
 
-    # ---------------------------------------------------------------------------- retries
+    # ------------------------------------------------------------------------------ endpoints
 
-    def _retry_args(self, method: str, path: str, *, replayable: bool = True, deadline: float | None = None) -> dict:
+    @endpoint
+    def recalibrate(self, model: ModelSource, samples: SamplesSource, *, progress: Progress | None = None,
+                    timeout: float | None = None, **options: Any) -> Steps[Result]:
+        """Submit, wait (``progress(stage, fraction)`` on every change; ``timeout``: seconds for the job
+        to finish), download. ``options``: `submit`'s (`SubmitOptions`). If the wait ends other than
+        by the job's end (timeout, Ctrl-C, lost server, a cancelled task), the job is cancelled."""
+        job = yield from self._submit(model, samples, SubmitOptions(**options))
+        try:
+            job = yield from self.wait.steps(job, timeout=timeout, progress=progress)
+        except (JobFailed, JobCancelled):
+            raise
+        except BaseException:
+            yield from self._cancel_quietly(job)
+            raise
+        content = yield from self.download.steps(job)
+        return Result(job, content, job.report or (yield from self.report.steps(job)))
+
+    @endpoint
+    def submit(self, model: ModelSource, samples: SamplesSource, *, wait: float | None = None,
+               **options: Any) -> Steps[Job]:
+        """Upload and queue a job; the server checks model and samples first, so a bad one raises here.
+        ``options``: the fields of `SubmitOptions` (``fold``, ``batch_size``, ``verify_samples``,
+        ``rtol``, ``atol``, ``preprocess``, ``on_bad_image``: those of ``bnfold recalibrate``; None:
+        the server's default). ``wait``: block up to this many seconds (server-capped) for the job to end."""
+        return (yield from self._submit(model, samples, SubmitOptions(**options), wait))
+
+    @endpoint
+    def get(self, job: JobRef, *, deadline: float | None = None) -> Steps[Job]:
+        """The job as the server sees it now; ``deadline`` (time.monotonic()): stop retrying then."""
+        response = yield from self._request("GET", _job_path(job), deadline=deadline)
+        return Job.from_json(response.json())
+
+    @endpoint
+    def wait(self, job: JobRef, *, timeout: float | None = None, progress: Progress | None = None) -> Steps[Job]:
+        """Poll until the job ends; return it when succeeded, raise `JobFailed` / `JobCancelled`
+        otherwise, `WaitTimeout` after ``timeout`` seconds (the job goes on)."""
+        poll = _Poll(timeout, self.poll_interval, progress)
+        current = yield from self.get.steps(job, deadline=poll.deadline)
+        while not poll.seen(current):
+            yield Pause(poll.next_pause(current))
+            current = yield from self.get.steps(current, deadline=poll.deadline)
+        return _ended(current)
+
+    @endpoint
+    def download(self, job: JobRef, path: str | os.PathLike | None = None) -> Steps[bytes | Path]:
+        """The result model's bytes (sha256-checked against the ETag); with ``path``, written there
+        atomically and the path returned."""
+        job = job if isinstance(job, Job) and job.model_sha256 else (yield from self.get.steps(job))
+        response = yield from self._request("GET", _job_path(job, "/model"))
+        return _saved(_checked_model(job, response.content, response.headers.get("etag")), path)
+
+    @endpoint
+    def report(self, job: JobRef) -> Steps[Report]:
+        """The succeeded job's typed report."""
+        response = yield from self._request("GET", _job_path(job, "/report"))
+        return report_from_dict(response.json())
+
+    @endpoint
+    def cancel(self, job: JobRef) -> Steps[Job | None]:
+        """Cancel a queued/running job (returned, now cancelled); an ended job is deleted (None)."""
+        response = yield from self._request("DELETE", _job_path(job))
+        return None if response.status_code == 204 else Job.from_json(response.json())
+
+    @endpoint
+    def info(self) -> Steps[dict[str, Any]]:
+        """Server version, limits and default options."""
+        response = yield from self._request("GET", "/v1/info")
+        return response.json()
+
+    @endpoint
+    def list(self, *, state: str | None = None, limit: int = 20) -> Steps[list[Job]]:
+        """This key's jobs, newest first, at most ``limit`` (pages are followed)."""
+        jobs: list[Job] = []
+        cursor = None
+        while len(jobs) < limit:
+            params = {"limit": min(100, limit - len(jobs)), "state": state, "cursor": cursor}
+            response = yield from self._request("GET", "/v1/jobs", params={k: v for k, v in params.items() if v is not None})
+            page = response.json()
+            jobs += [Job.from_json(item) for item in page["items"]]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                break
+        return jobs
+
+    # ------------------------------------------------------------------------ shared steps
+
+    def _submit(self, model: ModelSource, samples: SamplesSource, options: SubmitOptions,
+                wait: float | None = None) -> Steps[Job]:
+        files, replayable = multipart(model, samples, options)
+        timeout = self._timeout if not wait else httpx.Timeout(self._timeout.read + wait, connect=self._timeout.connect)
+        response = yield from self._request("POST", "/v1/jobs", files=files, replayable=replayable,
+                                            params={"wait": wait} if wait else None, timeout=timeout)
+        return Job.from_json(response.json())
+
+    def _cancel_quietly(self, job: Job) -> Steps[None]:
+        """Best effort, once, and finished even by a task being cancelled: the server may be why we are here."""
+        try:
+            yield Send("DELETE", _job_path(job), {"timeout": 5.0}, shielded=True)
+        except Exception:
+            log.warning("could not cancel job %s", job.id)
+
+    def _request(self, method: str, path: str, *, files: Callable[[], dict] | None = None, replayable: bool = True,
+                 deadline: float | None = None, **arguments: Any) -> Steps[httpx.Response]:
+        """One request under the retry policy (`bnfold.client.retries`); a 4xx/5xx raises its typed error.
+        ``files``: makes the multipart files afresh for every attempt; ``deadline``: retry no later."""
         budget = self.retry_for if deadline is None else max(0.0, min(self.retry_for, deadline - time.monotonic()))
-        backoff = tenacity.wait_exponential(multiplier=0.25, max=4.0) + tenacity.wait_random(0, 0.25)
-        idempotent = method == "GET"
-
-        def wait(state: tenacity.RetryCallState) -> float:
-            exc = state.outcome.exception()
-            if isinstance(exc, _RetryableAnswer) and exc.retry_after is not None:
-                return exc.retry_after
-            return backoff(state)
-
-        def retryable(exc: BaseException) -> bool:
-            if isinstance(exc, _RetryableAnswer):
-                return idempotent or exc.response.status_code in (429, 503)
-            return isinstance(exc, UNSENT) or (idempotent and isinstance(exc, httpx.TransportError))
-
-        def before_sleep(state: tenacity.RetryCallState) -> None:
-            log.warning("%s %s: %s; retry %d in %.1f s", method, path, _describe(state.outcome.exception()),
-                        state.attempt_number, state.upcoming_sleep)
-
-        stop = tenacity.stop_before_delay(budget) if replayable else tenacity.stop_after_attempt(1)
-        return dict(stop=stop, wait=wait, retry=tenacity.retry_if_exception(retryable), reraise=True,
-                    before_sleep=before_sleep, sleep=self._sleep)
+        pauses: list[float] = []  # tenacity's sleeps, carried out by the client as Pause steps
+        attempts = 0
+        try:
+            for attempt in retrying(method, path, budget=budget, replayable=replayable, sleep=pauses.append):
+                if pauses:
+                    yield Pause(pauses.pop())
+                with attempt, _opened(files) as body:
+                    attempts += 1
+                    response = yield Send(method, path, {"files": body, **arguments})
+                    if response.status_code in RETRY_STATUSES:
+                        raise RetryableAnswer(response)
+        except (RetryableAnswer, httpx.TransportError) as exc:
+            raise self._failed(method, exc, attempts) from None
+        if response.status_code >= 400:
+            raise self._error(response)
+        return response
 
     def _failed(self, method: str, exc: BaseException, attempts: int) -> BnfoldError:
         """The typed error for the last failure of a request whose retries ran out."""
-        if isinstance(exc, _RetryableAnswer):
+        if isinstance(exc, RetryableAnswer):
             return self._error(exc.response)
         maybe = "; the job may have been created (see list())" if method == "POST" and not isinstance(exc, UNSENT) else ""
-        return ConnectionFailed(f"cannot reach the bnfold service at {self.url}: {_describe(exc)} "
+        return ConnectionFailed(f"cannot reach the bnfold service at {self.url}: {describe(exc)} "
                                 f"(after {attempts} attempt{'s' * (attempts > 1)}){maybe}")
 
     def _error(self, response: httpx.Response) -> BnfoldError:
@@ -149,42 +248,76 @@ class _Base:
             exc.args = (exc.message,)
         return exc
 
-    # --------------------------------------------------------------------------- requests
 
-    @staticmethod
-    def _submit_parts(model: ModelSource, samples: SamplesSource, options: dict[str, Any]):
-        parts = {"model": model_part(model), "samples": samples_part(samples)}
-        options_json = json.dumps({k: v for k, v in options.items() if v is not None})
+# ---------------------------------------------------------------------------- transports
 
-        def files() -> dict:
-            return {**{name: part.field() for name, part in parts.items()},
-                    "options": (None, options_json, "application/json")}
 
-        return files, all(part.replayable for part in parts.values())
+class Client(_Api):
+    """Blocking client; use as a context manager or call `close()`. ``url``/``api_key`` default to
+    ``BNFOLD_URL``/``BNFOLD_API_KEY``; ``timeout`` is per HTTP request (seconds), ``retry_for``
+    the time a failing request keeps being retried, ``poll_interval`` (first, longest) pause."""
 
-    def _request_timeout(self, wait: float | None) -> httpx.Timeout:
-        return self._timeout if not wait else httpx.Timeout(self._timeout.read + wait, connect=self._timeout.connect)
+    def __init__(self, url: str | None = None, api_key: str | None = None, *, transport: httpx.BaseTransport | None = None,
+                 **options: Any):
+        super().__init__(url, api_key, **options)
+        self._http = httpx.Client(base_url=self.url, headers=self._headers, timeout=self._timeout, transport=transport)
 
-    @staticmethod
-    def _job_path(job: JobRef, suffix: str = "") -> str:
-        return f"/v1/jobs/{quote(_job_id(job), safe='')}{suffix}"
+    def __enter__(self) -> Client:
+        return self
 
-    @staticmethod
-    def _ended(job: Job) -> Job:
-        if job.state == "failed":
-            error = job.error or {}
-            raise JobFailed(job, error_from_problem(int(error.get("status") or 500), error))
-        if job.state == "cancelled":
-            raise JobCancelled(job)
-        return job
+    def __exit__(self, *exc) -> None:
+        self.close()
 
-    @staticmethod
-    def _checked_content(job: Job, content: bytes, etag: str | None) -> bytes:
-        digest = hashlib.sha256(content).hexdigest()
-        expected = (etag or "").strip('"') or job.model_sha256
-        if expected and digest != expected:
-            raise ServerError(f"the model of job {job.id} arrived damaged (sha256 {digest}, expected {expected})")
-        return content
+    def close(self) -> None:
+        self._http.close()
+
+    def _drive(self, steps: Steps[Any]) -> Any:
+        run = Run(steps)
+        while not run.done:
+            with run:
+                run.answer = self._perform(run.step)
+        return run.value
+
+    def _perform(self, step: Send | Pause) -> httpx.Response | None:
+        if isinstance(step, Pause):
+            return self._sleep(step.seconds)
+        return self._http.request(step.method, step.path, **step.arguments)
+
+
+class AsyncClient(_Api):
+    """The asyncio twin of `Client`: the same methods, awaited; ``async with AsyncClient() as c``.
+    A cancelled task cancels the job its `recalibrate` was waiting for."""
+
+    def __init__(self, url: str | None = None, api_key: str | None = None, *,
+                 transport: httpx.AsyncBaseTransport | None = None, **options: Any):
+        super().__init__(url, api_key, **options)
+        self._sleep = asyncio.sleep
+        self._http = httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=self._timeout, transport=transport)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _drive(self, steps: Steps[Any]) -> Any:
+        run = Run(steps)
+        while not run.done:
+            with run:
+                run.answer = await self._perform(run.step)
+        return run.value
+
+    async def _perform(self, step: Send | Pause) -> httpx.Response | None:
+        if isinstance(step, Pause):
+            return await self._sleep(step.seconds)
+        sending = self._http.request(step.method, step.path, **step.arguments)
+        return await (asyncio.shield(sending) if step.shielded else sending)
+
+
+# ------------------------------------------------------------------------------- helpers
 
 
 class _Poll:
@@ -211,252 +344,35 @@ class _Poll:
         return pause
 
 
-# ------------------------------------------------------------------------------------- sync
+def _ended(job: Job) -> Job:
+    if job.state == "failed":
+        error = job.error or {}
+        raise JobFailed(job, error_from_problem(int(error.get("status") or 500), error))
+    if job.state == "cancelled":
+        raise JobCancelled(job)
+    return job
 
 
-class Client(_Base):
-    """Blocking client; use as a context manager or call `close()`. ``url``/``api_key`` default to
-    ``BNFOLD_URL``/``BNFOLD_API_KEY``; ``timeout`` is per HTTP request (seconds), ``retry_for``
-    the time a failing request keeps being retried, ``poll_interval`` (first, longest) pause."""
-
-    def __init__(self, url: str | None = None, api_key: str | None = None, *, transport: httpx.BaseTransport | None = None,
-                 **options: Any):
-        super().__init__(url, api_key, **options)
-        self._http = httpx.Client(base_url=self.url, headers=self._headers, timeout=self._timeout, transport=transport)
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._http.close()
-
-    def _send(self, method: str, path: str, *, files: Callable[[], dict] | None = None, replayable: bool = True,
-              deadline: float | None = None, **kwargs: Any) -> httpx.Response:
-        attempts = 0
-        try:
-            for attempt in tenacity.Retrying(**self._retry_args(method, path, replayable=replayable, deadline=deadline)):
-                with attempt, _opened(files) as body:
-                    attempts += 1
-                    response = self._http.request(method, path, files=body, **kwargs)
-                    if response.status_code in RETRY_STATUSES:
-                        raise _RetryableAnswer(response)
-        except (_RetryableAnswer, httpx.TransportError) as exc:
-            raise self._failed(method, exc, attempts) from None
-        if response.status_code >= 400:
-            raise self._error(response)
-        return response
-
-    def recalibrate(self, model: ModelSource, samples: SamplesSource, *, fold: bool = True, batch_size: int | None = None,
-                    verify_samples: int | None = None, rtol: float | None = None, atol: float | None = None,
-                    preprocess: dict[str, Any] | None = None, on_bad_image: str | None = None,
-                    progress: Progress | None = None, timeout: float | None = None) -> Result:
-        """Submit, wait (``progress(stage, fraction)`` on every change; ``timeout``: seconds for the job
-        to finish), download. The options are `submit`'s. If the wait ends other than by the job's
-        end (timeout, Ctrl-C, lost server), the job is cancelled."""
-        job = self.submit(model, samples, fold=fold, batch_size=batch_size, verify_samples=verify_samples,
-                          rtol=rtol, atol=atol, preprocess=preprocess, on_bad_image=on_bad_image)
-        try:
-            job = self.wait(job, timeout=timeout, progress=progress)
-        except (JobFailed, JobCancelled):
-            raise
-        except BaseException:
-            self._cancel_quietly(job)
-            raise
-        return Result(job, self.download(job), job.report or self.report(job))
-
-    def submit(self, model: ModelSource, samples: SamplesSource, *, fold: bool = True, batch_size: int | None = None,
-               verify_samples: int | None = None, rtol: float | None = None, atol: float | None = None,
-               preprocess: dict[str, Any] | None = None, on_bad_image: str | None = None,
-               wait: float | None = None) -> Job:
-        """Upload and queue a job; the server checks model and samples first, so a bad one raises here.
-        Options are those of ``bnfold recalibrate`` / `bnfold.pipeline.JobOptions`; None: the
-        server's default (image samples only: ``preprocess`` overrides, ``on_bad_image``).
-        ``wait``: block up to this many seconds (server-capped) for the job to end."""
-        files, replayable = self._submit_parts(model, samples, dict(
-            fold=fold, batch_size=batch_size, verify_samples=verify_samples, rtol=rtol, atol=atol,
-            preprocess=preprocess, on_bad_image=on_bad_image))
-        response = self._send("POST", "/v1/jobs", files=files, replayable=replayable,
-                              params={"wait": wait} if wait else None, timeout=self._request_timeout(wait))
-        return Job.from_json(response.json())
-
-    def get(self, job: JobRef, *, deadline: float | None = None) -> Job:
-        return Job.from_json(self._send("GET", self._job_path(job), deadline=deadline).json())
-
-    def wait(self, job: JobRef, *, timeout: float | None = None, progress: Progress | None = None) -> Job:
-        """Poll until the job ends; return it when succeeded, raise `JobFailed` / `JobCancelled`
-        otherwise, `WaitTimeout` after ``timeout`` seconds (the job goes on)."""
-        poll = _Poll(timeout, self.poll_interval, progress)
-        current = self.get(job, deadline=poll.deadline)
-        while not poll.seen(current):
-            self._sleep(poll.next_pause(current))
-            current = self.get(current, deadline=poll.deadline)
-        return self._ended(current)
-
-    def download(self, job: JobRef, path: str | os.PathLike | None = None) -> bytes | Path:
-        """The result model's bytes (sha256-checked against the ETag); with ``path``, written there
-        atomically and the path returned."""
-        job = job if isinstance(job, Job) and job.model_sha256 else self.get(job)
-        response = self._send("GET", self._job_path(job, "/model"))
-        content = self._checked_content(job, response.content, response.headers.get("etag"))
-        if path is None:
-            return content
-        write_atomic(Path(path), content)
-        return Path(path)
-
-    def report(self, job: JobRef) -> Report:
-        return report_from_dict(self._send("GET", self._job_path(job, "/report")).json())
-
-    def cancel(self, job: JobRef) -> Job | None:
-        """Cancel a queued/running job (returned, now cancelled); an ended job is deleted (None)."""
-        response = self._send("DELETE", self._job_path(job))
-        return None if response.status_code == 204 else Job.from_json(response.json())
-
-    def info(self) -> dict[str, Any]:
-        """Server version, limits and default options."""
-        return self._send("GET", "/v1/info").json()
-
-    def list(self, *, state: str | None = None, limit: int = 20) -> list[Job]:
-        """This key's jobs, newest first, at most ``limit`` (pages are followed)."""
-        jobs: list[Job] = []
-        cursor = None
-        while len(jobs) < limit:
-            params = {"limit": min(100, limit - len(jobs)), "state": state, "cursor": cursor}
-            page = self._send("GET", "/v1/jobs", params={k: v for k, v in params.items() if v is not None}).json()
-            jobs += [Job.from_json(item) for item in page["items"]]
-            cursor = page.get("next_cursor")
-            if not cursor:
-                break
-        return jobs
-
-    def _cancel_quietly(self, job: Job) -> None:
-        try:
-            self._http.delete(self._job_path(job), timeout=5.0)
-        except Exception:  # best effort: the server may be the reason we are here
-            log.warning("could not cancel job %s", job.id)
+def _checked_model(job: Job, content: bytes, etag: str | None) -> bytes:
+    digest = hashlib.sha256(content).hexdigest()
+    expected = (etag or "").strip('"') or job.model_sha256
+    if expected and digest != expected:
+        raise ServerError(f"the model of job {job.id} arrived damaged (sha256 {digest}, expected {expected})")
+    return content
 
 
-# ------------------------------------------------------------------------------------ async
-
-
-class AsyncClient(_Base):
-    """The asyncio twin of `Client`: the same methods, awaited; ``async with AsyncClient() as c``."""
-
-    def __init__(self, url: str | None = None, api_key: str | None = None, *,
-                 transport: httpx.AsyncBaseTransport | None = None, **options: Any):
-        super().__init__(url, api_key, **options)
-        self._sleep = asyncio.sleep
-        self._http = httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=self._timeout, transport=transport)
-
-    async def __aenter__(self) -> AsyncClient:
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    async def _send(self, method: str, path: str, *, files: Callable[[], dict] | None = None, replayable: bool = True,
-                    deadline: float | None = None, **kwargs: Any) -> httpx.Response:
-        attempts = 0
-        try:
-            async for attempt in tenacity.AsyncRetrying(**self._retry_args(method, path, replayable=replayable,
-                                                                           deadline=deadline)):
-                with attempt, _opened(files) as body:
-                    attempts += 1
-                    response = await self._http.request(method, path, files=body, **kwargs)
-                    if response.status_code in RETRY_STATUSES:
-                        raise _RetryableAnswer(response)
-        except (_RetryableAnswer, httpx.TransportError) as exc:
-            raise self._failed(method, exc, attempts) from None
-        if response.status_code >= 400:
-            raise self._error(response)
-        return response
-
-    async def recalibrate(self, model: ModelSource, samples: SamplesSource, *, fold: bool = True,
-                          batch_size: int | None = None, verify_samples: int | None = None, rtol: float | None = None,
-                          atol: float | None = None, preprocess: dict[str, Any] | None = None,
-                          on_bad_image: str | None = None, progress: Progress | None = None,
-                          timeout: float | None = None) -> Result:
-        """See `Client.recalibrate`; a cancelled task cancels the job."""
-        job = await self.submit(model, samples, fold=fold, batch_size=batch_size, verify_samples=verify_samples,
-                                rtol=rtol, atol=atol, preprocess=preprocess, on_bad_image=on_bad_image)
-        try:
-            job = await self.wait(job, timeout=timeout, progress=progress)
-        except (JobFailed, JobCancelled):
-            raise
-        except BaseException:
-            await asyncio.shield(self._cancel_quietly(job))
-            raise
-        return Result(job, await self.download(job), job.report or await self.report(job))
-
-    async def submit(self, model: ModelSource, samples: SamplesSource, *, fold: bool = True,
-                     batch_size: int | None = None, verify_samples: int | None = None, rtol: float | None = None,
-                     atol: float | None = None, preprocess: dict[str, Any] | None = None,
-                     on_bad_image: str | None = None, wait: float | None = None) -> Job:
-        files, replayable = self._submit_parts(model, samples, dict(
-            fold=fold, batch_size=batch_size, verify_samples=verify_samples, rtol=rtol, atol=atol,
-            preprocess=preprocess, on_bad_image=on_bad_image))
-        response = await self._send("POST", "/v1/jobs", files=files, replayable=replayable,
-                                    params={"wait": wait} if wait else None, timeout=self._request_timeout(wait))
-        return Job.from_json(response.json())
-
-    async def get(self, job: JobRef, *, deadline: float | None = None) -> Job:
-        return Job.from_json((await self._send("GET", self._job_path(job), deadline=deadline)).json())
-
-    async def wait(self, job: JobRef, *, timeout: float | None = None, progress: Progress | None = None) -> Job:
-        poll = _Poll(timeout, self.poll_interval, progress)
-        current = await self.get(job, deadline=poll.deadline)
-        while not poll.seen(current):
-            await self._sleep(poll.next_pause(current))
-            current = await self.get(current, deadline=poll.deadline)
-        return self._ended(current)
-
-    async def download(self, job: JobRef, path: str | os.PathLike | None = None) -> bytes | Path:
-        job = job if isinstance(job, Job) and job.model_sha256 else await self.get(job)
-        response = await self._send("GET", self._job_path(job, "/model"))
-        content = self._checked_content(job, response.content, response.headers.get("etag"))
-        if path is None:
-            return content
-        write_atomic(Path(path), content)
-        return Path(path)
-
-    async def report(self, job: JobRef) -> Report:
-        return report_from_dict((await self._send("GET", self._job_path(job, "/report"))).json())
-
-    async def cancel(self, job: JobRef) -> Job | None:
-        response = await self._send("DELETE", self._job_path(job))
-        return None if response.status_code == 204 else Job.from_json(response.json())
-
-    async def info(self) -> dict[str, Any]:
-        return (await self._send("GET", "/v1/info")).json()
-
-    async def list(self, *, state: str | None = None, limit: int = 20) -> list[Job]:
-        jobs: list[Job] = []
-        cursor = None
-        while len(jobs) < limit:
-            params = {"limit": min(100, limit - len(jobs)), "state": state, "cursor": cursor}
-            page = (await self._send("GET", "/v1/jobs", params={k: v for k, v in params.items() if v is not None})).json()
-            jobs += [Job.from_json(item) for item in page["items"]]
-            cursor = page.get("next_cursor")
-            if not cursor:
-                break
-        return jobs
-
-    async def _cancel_quietly(self, job: Job) -> None:
-        try:
-            await self._http.delete(self._job_path(job), timeout=5.0)
-        except Exception:
-            log.warning("could not cancel job %s", job.id)
+def _saved(content: bytes, path: str | os.PathLike | None) -> bytes | Path:
+    """A download's bytes, or (with ``path``) the path they were written to atomically."""
+    if path is None:
+        return content
+    write_atomic(Path(path), content)
+    return Path(path)
 
 
 @contextlib.contextmanager
 def _opened(files: Callable[[], dict] | None):
     """The multipart files of one attempt, opened afresh and closed after it (callers' own file
-    objects are only wrapped, see `bnfold.client_uploads`, so they stay open)."""
+    objects are only wrapped, see `bnfold.client.uploads`, so they stay open)."""
     body = files() if files else None
     try:
         yield body
@@ -475,24 +391,5 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _job_id(job: JobRef) -> str:
-    return job.id if isinstance(job, Job) else str(job)
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds (RFC 9110: delay-seconds or an HTTP-date)."""
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value.strip())
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
-def _describe(exc: BaseException | None) -> str:
-    if isinstance(exc, _RetryableAnswer):
-        return f"HTTP {exc.response.status_code}"
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
+def _job_path(job: JobRef, suffix: str = "") -> str:
+    return f"/v1/jobs/{quote(job.id if isinstance(job, Job) else str(job), safe='')}{suffix}"

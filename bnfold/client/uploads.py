@@ -12,12 +12,16 @@ A part is re-opened for every attempt, so a retried upload starts from its first
   `SPOOL_BYTES` (a zip needs its sizes and CRCs, so it cannot be produced slice by slice).
 
 The service decides .npy vs .npz by content, not by name; names are kept for the job's record.
+
+`SubmitOptions` is every keyword of ``submit`` / ``recalibrate`` besides model and samples, and
+`multipart` the whole body of ``POST /v1/jobs``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -45,6 +49,47 @@ class Part:
 
     def field(self) -> tuple[str, IO[bytes], str]:
         return self.filename, self.open(), "application/octet-stream"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class SubmitOptions:
+    """The keywords `Client.submit` and `Client.recalibrate` take besides model and samples.
+
+    A plain field is a job option, sent in the ``options`` JSON part unless None (None: the server's
+    default); it means what the same option of ``bnfold recalibrate`` / `bnfold.pipeline.JobOptions`
+    means. A field with ``metadata={"part": make_part}`` is an optional upload instead, sent as the
+    multipart part of the field's name unless None. Adding an option or an upload is one field here
+    (and, for the service, one in ``service.schemas.JobOptionsIn`` or the route's form).
+    """
+
+    fold: bool = True
+    batch_size: int | None = None
+    verify_samples: int | None = None
+    rtol: float | None = None
+    atol: float | None = None
+    preprocess: dict[str, Any] | None = None  # image samples only: fields overriding the model's spec
+    on_bad_image: str | None = None  # image samples only: 'fail' or 'skip'
+
+    def options_json(self) -> str:
+        return json.dumps({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                           if "part" not in f.metadata and getattr(self, f.name) is not None})
+
+    def parts(self) -> dict[str, Part]:
+        return {f.name: f.metadata["part"](getattr(self, f.name)) for f in dataclasses.fields(self)
+                if "part" in f.metadata and getattr(self, f.name) is not None}
+
+
+def multipart(model: ModelSource, samples: SamplesSource, options: SubmitOptions) -> tuple[Callable[[], dict], bool]:
+    """``POST /v1/jobs``'s body as a factory of httpx ``files`` (every attempt opens its parts afresh),
+    and whether it can be sent again (no part read from an unseekable file)."""
+    parts = {"model": model_part(model), "samples": samples_part(samples), **options.parts()}
+    options_json = options.options_json()
+
+    def files() -> dict:
+        return {**{name: part.field() for name, part in parts.items()},
+                "options": (None, options_json, "application/json")}
+
+    return files, all(part.replayable for part in parts.values())
 
 
 def model_part(model: ModelSource) -> Part:
