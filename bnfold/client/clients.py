@@ -104,7 +104,7 @@ class _Api:
 
     # ------------------------------------------------------------------------------ endpoints
 
-    @endpoint
+    @endpoint(options=SubmitOptions)
     def recalibrate(self, model: ModelSource, samples: SamplesSource, *, progress: Progress | None = None,
                     timeout: float | None = None, **options: Any) -> Steps[Result]:
         """Submit, wait (``progress(stage, fraction)`` on every change; ``timeout``: seconds for the job
@@ -121,7 +121,7 @@ class _Api:
         content = yield from self.download.steps(job)
         return Result(job, content, job.report or (yield from self.report.steps(job)))
 
-    @endpoint
+    @endpoint(options=SubmitOptions)
     def submit(self, model: ModelSource, samples: SamplesSource, *, wait: float | None = None,
                **options: Any) -> Steps[Job]:
         """Upload and queue a job; the server checks model and samples first, so a bad one raises here.

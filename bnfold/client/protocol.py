@@ -80,28 +80,45 @@ class Run(Generic[T]):
 
 class endpoint:  # lower case: used as a decorator, like property
     """A generator of steps as a method of both clients: ``client.name(…)`` runs it through the
-    client's ``_drive`` (a result, or an awaitable of it for `AsyncClient`); ``client.name.steps(…)``
-    gives the bare generator, for use inside another endpoint."""
+    client's ``_drive`` (the result, or for `AsyncClient` a coroutine of it); ``client.name.steps(…)``
+    gives the bare generator, for use inside another endpoint. ``@endpoint(options=SomeDataclass)``
+    shows the dataclass's fields in place of the generator's ``**options`` in the signature."""
 
-    def __init__(self, steps: Callable[..., Steps[Any]]):
+    def __init__(self, steps: Callable[..., Steps[Any]] | None = None, *, options: type | None = None):
+        self._options = options
+        if steps is not None:
+            self(steps)
+
+    def __call__(self, steps: Callable[..., Steps[Any]]) -> endpoint:
         self.steps = steps
         functools.update_wrapper(self, steps)
-        signature = inspect.signature(steps)
-        result = str(signature.return_annotation)
-        if result.startswith("Steps[") and result.endswith("]"):  # what the caller gets, not the generator
-            signature = signature.replace(return_annotation=result[len("Steps["):-1])
-        self._signature = signature.replace(parameters=list(signature.parameters.values())[1:])
+        self._signature = _caller_signature(inspect.signature(steps), self._options)
+        return self
 
     def __get__(self, client: Any, owner: type | None = None) -> Any:
         if client is None:
             return self
         steps = self.steps
-
-        @functools.wraps(steps)
-        def method(*args: Any, **kwargs: Any) -> Any:
-            return client._drive(steps(client, *args, **kwargs))
-
+        if inspect.iscoroutinefunction(client._drive):
+            async def method(*args: Any, **kwargs: Any) -> Any:
+                return await client._drive(steps(client, *args, **kwargs))
+        else:
+            def method(*args: Any, **kwargs: Any) -> Any:
+                return client._drive(steps(client, *args, **kwargs))
+        functools.update_wrapper(method, steps)
         method.steps = functools.partial(steps, client)  # type: ignore[attr-defined]
         method.__signature__ = self._signature  # type: ignore[attr-defined]
         return method
 
+
+def _caller_signature(signature: inspect.Signature, options: type | None) -> inspect.Signature:
+    """The generator's signature as its callers see it: no ``self``, ``Steps[X]`` returns X, and
+    ``**options`` spelled out as the fields of the ``options`` dataclass."""
+    parameters = list(signature.parameters.values())[1:]
+    if options is not None and parameters and parameters[-1].kind is inspect.Parameter.VAR_KEYWORD:
+        parameters[-1:] = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+                           for f in dataclasses.fields(options)]
+    result = str(signature.return_annotation)
+    if result.startswith("Steps[") and result.endswith("]"):
+        signature = signature.replace(return_annotation=result[len("Steps["):-1])
+    return signature.replace(parameters=parameters)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import json
 
 import httpx
@@ -122,3 +123,16 @@ def test_a_part_field_is_uploaded_under_its_name():
     assert set(body) == {"model", "samples", "check_samples", "options"} and json.loads(body["options"][1]) == {"fold": True}
     assert np.load(body["check_samples"][1]).tolist() == np.ones((2, 3)).tolist()
     assert set(multipart(tiny_model(), samples_array(), WithCheck())[0]()) == {"model", "samples", "options"}
+
+
+def test_both_clients_show_the_same_methods_and_signatures_and_the_async_ones_are_coroutines():
+    names = ["recalibrate", "submit", "get", "wait", "download", "report", "cancel", "list", "info"]
+    sync, asynchronous = Client("http://bnfold.test"), AsyncClient("http://bnfold.test")
+    for name in names:
+        method, twin = getattr(sync, name), getattr(asynchronous, name)
+        assert inspect.signature(method) == inspect.signature(twin) and method.__doc__ == twin.__doc__, name
+        assert inspect.iscoroutinefunction(twin) and not inspect.iscoroutinefunction(method), name
+    submit = inspect.signature(sync.submit).parameters
+    assert list(submit)[:3] == ["model", "samples", "wait"]
+    assert list(submit)[3:] == [f.name for f in dataclasses.fields(SubmitOptions)]  # the options, spelled out
+    assert str(inspect.signature(sync.get).return_annotation) == "Job"
