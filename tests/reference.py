@@ -1,5 +1,7 @@
-"""An independent float64 NumPy interpreter for the ops in ``tests/models.py``, and the exact
-eval-mode BatchNorm recalibration computed with it.
+"""An independent float64 NumPy interpreter for the ops in ``tests/models.py`` and in the folding
+tests (``tests/folding/test_fold.py``: Constant, Conv ``auto_pad``, ConvTranspose ``output_shape``),
+and the exact eval-mode BatchNorm recalibration computed with it. tests/test_reference.py checks
+every supported op and attribute against onnxruntime.
 
 Why a second interpreter: the engine runs models in onnxruntime (float32, batch by batch) and
 merges per-batch statistics; checking it against onnxruntime again would share its blind spots.
@@ -26,12 +28,26 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return out
 
 
-def _spatial(a: dict, nd: int):
-    """(strides, dilations, pads_begin, pads_end) with ONNX defaults, for ``nd`` spatial axes."""
-    if a.get("auto_pad", "NOTSET") != "NOTSET":
-        raise NotImplementedError("auto_pad")
-    pads = list(a.get("pads", [0] * 2 * nd))
-    return list(a.get("strides", [1] * nd)), list(a.get("dilations", [1] * nd)), pads[:nd], pads[nd:]
+def _spatial(a: dict, in_shape, kernel):
+    """(strides, dilations, pads_begin, pads_end) of a Conv or MaxPool, with ONNX defaults, for
+    spatial input shape ``in_shape`` and ``kernel``. ``auto_pad`` SAME_* pads so that the output
+    is ceil(in / stride): the total padding is split evenly, its odd unit at the end (SAME_UPPER)
+    or at the beginning (SAME_LOWER); VALID pads nothing."""
+    nd = len(kernel)
+    strides, dilations = list(a.get("strides", [1] * nd)), list(a.get("dilations", [1] * nd))
+    auto_pad = a.get("auto_pad", "NOTSET")
+    if auto_pad in ("NOTSET", "VALID"):
+        pads = list(a.get("pads", [0] * 2 * nd)) if auto_pad == "NOTSET" else [0] * 2 * nd
+        return strides, dilations, pads[:nd], pads[nd:]
+    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+        raise NotImplementedError(f"auto_pad {auto_pad}")
+    begin, end = [], []
+    for size, k, s, d in zip(in_shape, kernel, strides, dilations):
+        total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        small, big = total // 2, total - total // 2
+        begin.append(small if auto_pad == "SAME_UPPER" else big)
+        end.append(big if auto_pad == "SAME_UPPER" else small)
+    return strides, dilations, begin, end
 
 
 def _windows(xp: np.ndarray, kernel, strides, dilations, out) -> np.ndarray:
@@ -52,7 +68,7 @@ def _conv(a, x, w, b=None):
     # x (N, C, *S), w (M, C/G, *k), b (M,) -> (N, M, *out); any number of spatial axes.
     nd, g = x.ndim - 2, a.get("group", 1)
     kernel = w.shape[2:]
-    strides, dil, pb, pe = _spatial(a, nd)
+    strides, dil, pb, pe = _spatial(a, x.shape[2:], kernel)
     xp = _pad(x, pb, pe)
     out = [(xp.shape[2 + i] - dil[i] * (kernel[i] - 1) - 1) // strides[i] + 1 for i in range(nd)]
     n, c, m = x.shape[0], x.shape[1], w.shape[0]
@@ -65,15 +81,14 @@ def _conv(a, x, w, b=None):
 def _conv_transpose(a, x, w, b=None):
     # x (N, C, *S), w (C, M/G, *k), b (M,) -> (N, M, *out). Input pixel i scatters tap k into
     # output position i*s + k*d - pads_begin; output_padding only extends the end.
-    if "output_shape" in a:
-        raise NotImplementedError("ConvTranspose output_shape")
     nd, g = x.ndim - 2, a.get("group", 1)
     kernel = w.shape[2:]
-    strides, dil, pb, pe = _spatial(a, nd)
+    strides, dil = list(a.get("strides", [1] * nd)), list(a.get("dilations", [1] * nd))
     out_pad = list(a.get("output_padding", [0] * nd))
     n, c, mg = x.shape[0], x.shape[1], w.shape[1]
     ins = x.shape[2:]
     full = [s * (i - 1) + d * (k - 1) + 1 + op for s, i, d, k, op in zip(strides, ins, dil, kernel, out_pad)]
+    pb, pe = _transpose_pads(a, ins, strides, full)
     y = np.zeros((n, g * mg, *full))
     xg = x.reshape(n, g, c // g, *ins)
     wg = w.reshape(g, c // g, mg, -1)  # (G, C/G, M/G, K)
@@ -85,12 +100,36 @@ def _conv_transpose(a, x, w, b=None):
     return y if b is None else y + b.reshape(1, -1, *[1] * nd)
 
 
+def _transpose_pads(a, ins, strides, full):
+    """(pads_begin, pads_end) that crop ConvTranspose's ``full`` output. Given ``pads``, those;
+    given ``output_shape`` (or auto_pad SAME_*, whose output shape is in·stride), the total
+    padding full − output_shape is split evenly with its odd unit at the beginning — except
+    SAME_UPPER, which puts it at the end (the ONNX spec's rule, as onnxruntime applies it)."""
+    nd = len(full)
+    auto_pad = a.get("auto_pad", "NOTSET")
+    if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        raise NotImplementedError(f"auto_pad {auto_pad}")
+    if "output_shape" in a:
+        shape = list(a["output_shape"])[-nd:]
+    elif auto_pad.startswith("SAME"):
+        shape = [i * s for i, s in zip(ins, strides)]
+    else:
+        pads = list(a.get("pads", [0] * 2 * nd)) if auto_pad == "NOTSET" else [0] * 2 * nd
+        return pads[:nd], pads[nd:]
+    totals = [f - o for f, o in zip(full, shape)]
+    if min(totals) < 0:
+        raise NotImplementedError(f"ConvTranspose output shape {shape} beyond the full output {full}")
+    small = [t // 2 for t in totals]
+    big = [t - t // 2 for t in totals]
+    return (small, big) if auto_pad == "SAME_UPPER" else (big, small)
+
+
 def _max_pool(a, x):
     if a.get("ceil_mode", 0):
         raise NotImplementedError("MaxPool ceil_mode")
     nd = x.ndim - 2
     kernel = a["kernel_shape"]
-    strides, dil, pb, pe = _spatial(a, nd)
+    strides, dil, pb, pe = _spatial(a, x.shape[2:], kernel)
     xp = _pad(x, pb, pe, -np.inf)
     out = [(xp.shape[2 + i] - dil[i] * (kernel[i] - 1) - 1) // strides[i] + 1 for i in range(nd)]
     return _windows(xp, kernel, strides, dil, out).max(axis=2)
@@ -110,6 +149,12 @@ def _batch_norm(a, x, scale, bias, mean, var):
     shape = (1, -1) + (1,) * (x.ndim - 2)
     inv_std = 1.0 / np.sqrt(var.reshape(shape) + a.get("epsilon", 1e-5))
     return scale.reshape(shape) * (x - mean.reshape(shape)) * inv_std + bias.reshape(shape)
+
+
+def _constant(a):
+    if set(a) != {"value"}:
+        raise NotImplementedError(f"Constant {sorted(a)}")
+    return _as64(numpy_helper.to_array(a["value"]))
 
 
 def _flatten(a, x):
@@ -141,6 +186,7 @@ _OPS = {
     "MaxPool": _max_pool,
     "Identity": lambda a, x: x,
     "Reshape": _reshape,
+    "Constant": _constant,
 }
 
 

@@ -117,3 +117,81 @@ def test_recalibrate_fixed_point_bn_after_bn():
     _, var1 = stats["bn1"]
     np.testing.assert_allclose(stats["bn2"][0], init["bn1_bias"], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(stats["bn2"][1], init["bn1_scale"] ** 2 * var1 / (var1 + 1e-5), rtol=1e-12)
+
+
+# ------------------------------------------------------------- padding rules, one node at a time
+
+
+def _one_node(op: str, x_shape, w_shape=None, **attrs) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """x → op(x, w) → y, float32, opset 17; returns the model and a random input."""
+    rng = np.random.default_rng(sum(x_shape) + len(attrs))
+    inits = [numpy_helper.from_array(rng.normal(size=w_shape).astype(np.float32), "w")] if w_shape else []
+    node = onnx.helper.make_node(op, ["x", "w"] if w_shape else ["x"], ["y"], name="n", **attrs)
+    graph = onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    return _checked(graph), {"x": rng.normal(size=x_shape).astype(np.float32)}
+
+
+def _checked(graph: onnx.GraphProto) -> onnx.ModelProto:
+    """Opset 17 / IR 8, output shape inferred, checker-valid."""
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    shaped = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    model.graph.output[0].CopyFrom(shaped.graph.output[0])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _agrees_with_onnxruntime(model, inputs):
+    want, got = _ort_run(model, inputs)["y"], run_reference(model, inputs)["y"]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(want).max())))
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+@pytest.mark.parametrize("x_shape, w_shape, strides, dilations", [
+    ([2, 3, 7], [4, 3, 4], [2], [1]),  # odd total padding: the two SAME modes differ
+    ([2, 3, 6, 5], [4, 3, 3, 2], [1, 2], [1, 1]),  # (onnxruntime refuses dilation with SAME)
+    ([1, 2, 5, 4, 3], [2, 2, 2, 3, 1], [3, 1, 2], [1, 1, 1]),
+], ids=["1d", "2d", "3d"])
+def test_conv_auto_pad_matches_onnxruntime(auto_pad, x_shape, w_shape, strides, dilations):
+    _agrees_with_onnxruntime(*_one_node("Conv", x_shape, w_shape, auto_pad=auto_pad, strides=strides,
+                                        dilations=dilations))
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER"])
+def test_max_pool_auto_pad_matches_onnxruntime(auto_pad):
+    _agrees_with_onnxruntime(*_one_node("MaxPool", [2, 3, 8, 6], kernel_shape=[3, 2], strides=[2, 1], auto_pad=auto_pad))
+
+
+@pytest.mark.parametrize("attrs", [
+    dict(strides=[2], output_shape=[8]),  # total padding 1: the odd unit at the beginning
+    dict(strides=[2], output_shape=[6]),
+    dict(strides=[2], output_shape=[8], auto_pad="SAME_UPPER"),  # … at the end
+    dict(strides=[2], auto_pad="SAME_UPPER"),  # output_shape in·stride
+    dict(strides=[2], auto_pad="SAME_LOWER"),
+    dict(strides=[3], output_shape=[10], output_padding=[2], group=2),
+], ids=["odd", "even", "upper-odd", "same-upper", "same-lower", "grouped-output-padding"])
+def test_conv_transpose_output_shape_matches_onnxruntime(attrs):
+    _agrees_with_onnxruntime(*_one_node("ConvTranspose", [2, 4, 4], [4, 3, 3], **attrs))
+
+
+def test_conv_transpose_output_shape_2d_matches_onnxruntime():
+    _agrees_with_onnxruntime(*_one_node("ConvTranspose", [1, 2, 3, 4], [2, 2, 3, 2], strides=[2, 3],
+                                        output_shape=[6, 11], dilations=[1, 2]))
+
+
+def test_conv_transpose_output_beyond_the_full_output_is_refused():
+    model, inputs = _one_node("ConvTranspose", [2, 4, 4], [4, 3, 3], strides=[2], output_shape=[10])
+    with pytest.raises(NotImplementedError, match="beyond the full output"):
+        run_reference(model, inputs)
+
+
+def test_constant_node_matches_onnxruntime():
+    rng = np.random.default_rng(0)
+    value = numpy_helper.from_array(rng.normal(size=(3, 1)).astype(np.float32), "c")
+    nodes = [onnx.helper.make_node("Constant", [], ["c"], name="c", value=value),
+             onnx.helper.make_node("Mul", ["x", "c"], ["y"], name="mul")]
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 4])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+    _agrees_with_onnxruntime(_checked(graph), {"x": rng.normal(size=(2, 3, 4)).astype(np.float32)})
