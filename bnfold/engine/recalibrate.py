@@ -5,9 +5,9 @@ biased variance of its input over all samples (axes N and spatial), measured wit
 of it already using its *new* statistics — the fixed point that layer-by-layer recalibration in a
 framework reaches, and that one pass with the old upstream statistics misses.
 
-How (see `graph` for the stage plan): stage s runs, batch by batch, only the nodes between the cut
+How (see `plan` for the stage plan): stage s runs, batch by batch, only the nodes between the cut
 after BN level s−1 and the inputs of BN level s; the BN inputs of level s are reduced to float64
-moments (`stats.Moments`) as they come out; once all batches are through, level s gets its new
+moments (`moments.Moments`) as they come out; once all batches are through, level s gets its new
 statistics and stage s+1 starts from the tensors kept at the cut (`store.TensorStore`). Every node
 runs once per sample, so the total cost stays close to one inference pass, and memory is bounded by
 the store's budget, not the sample count.

@@ -1,4 +1,4 @@
-"""A model's main graph opened for rewriting, as `bnfold.fold` needs it.
+"""A model's main graph opened for rewriting, as `bnfold.folding.fold` needs it.
 
 `EditableGraph` takes a model (which it edits in place) and copies out its node list. It answers
 what a rewrite rule asks — which node produces or consumes a tensor, whether a tensor is a constant

@@ -1,4 +1,4 @@
-"""`stats.Moments`: per-channel population mean / biased variance in float64, mergeable exactly.
+"""`bnfold.engine.moments.Moments`: per-channel population mean / biased variance in float64, mergeable exactly.
 
 Yardstick: NumPy float64 two-pass statistics of the same values (mean, then mean of squared
 deviations) over every axis but 1.

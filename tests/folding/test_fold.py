@@ -1,4 +1,4 @@
-"""bnfold.fold: one test per folding rule, then the bookkeeping around the rewrite.
+"""bnfold.folding.fold: one test per folding rule, then the bookkeeping around the rewrite.
 
 Every fold is checked three ways by ``fold_and_check``: the decision list, ONNX Runtime
 (``check_equivalent`` against the unfolded model) and the float64 NumPy interpreter of

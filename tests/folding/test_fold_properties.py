@@ -1,4 +1,4 @@
-"""Property-based tests of bnfold.fold over randomly generated small graphs.
+"""Property-based tests of bnfold.folding.fold over randomly generated small graphs.
 
 Each strategy builds a checker-valid model for one folding rule with random sizes, groups,
 strides, dilations, pads, transposes, α/β, bias/C shapes, opset (9..21), dtype (float32 or

@@ -1,4 +1,4 @@
-"""bnfold.verify (ONNX Runtime equivalence) and bnfold.provenance (metadata stamp)."""
+"""bnfold.folding.verify (ONNX Runtime equivalence) and bnfold.provenance (metadata stamp)."""
 
 from __future__ import annotations
 
