@@ -127,9 +127,12 @@ def _one_node(op: str, x_shape, w_shape=None, **attrs) -> tuple[onnx.ModelProto,
     rng = np.random.default_rng(sum(x_shape) + len(attrs))
     inits = [numpy_helper.from_array(rng.normal(size=w_shape).astype(np.float32), "w")] if w_shape else []
     node = onnx.helper.make_node(op, ["x", "w"] if w_shape else ["x"], ["y"], name="n", **attrs)
-    graph = onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
-                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    graph = onnx.helper.make_graph([node], "g", [_value("x", x_shape)], [_value("y", None)], inits)
     return _checked(graph), {"x": rng.normal(size=x_shape).astype(np.float32)}
+
+
+def _value(name: str, shape) -> onnx.ValueInfoProto:
+    return onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
 
 
 def _checked(graph: onnx.GraphProto) -> onnx.ModelProto:
@@ -161,7 +164,8 @@ def test_conv_auto_pad_matches_onnxruntime(auto_pad, x_shape, w_shape, strides, 
 
 @pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER"])
 def test_max_pool_auto_pad_matches_onnxruntime(auto_pad):
-    _agrees_with_onnxruntime(*_one_node("MaxPool", [2, 3, 8, 6], kernel_shape=[3, 2], strides=[2, 1], auto_pad=auto_pad))
+    model, inputs = _one_node("MaxPool", [2, 3, 8, 6], kernel_shape=[3, 2], strides=[2, 1], auto_pad=auto_pad)
+    _agrees_with_onnxruntime(model, inputs)
 
 
 @pytest.mark.parametrize("attrs", [
@@ -192,6 +196,5 @@ def test_constant_node_matches_onnxruntime():
     value = numpy_helper.from_array(rng.normal(size=(3, 1)).astype(np.float32), "c")
     nodes = [onnx.helper.make_node("Constant", [], ["c"], name="c", value=value),
              onnx.helper.make_node("Mul", ["x", "c"], ["y"], name="mul")]
-    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 4])],
-                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+    graph = onnx.helper.make_graph(nodes, "g", [_value("x", [2, 3, 4])], [_value("y", None)])
     _agrees_with_onnxruntime(_checked(graph), {"x": rng.normal(size=(2, 3, 4)).astype(np.float32)})

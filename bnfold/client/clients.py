@@ -180,8 +180,8 @@ class _Api:
         cursor = None
         while len(jobs) < limit:
             params = {"limit": min(100, limit - len(jobs)), "state": state, "cursor": cursor}
-            response = yield from self._request("GET", "/v1/jobs", params={k: v for k, v in params.items() if v is not None})
-            page = response.json()
+            params = {k: v for k, v in params.items() if v is not None}
+            page = (yield from self._request("GET", "/v1/jobs", params=params)).json()
             jobs += [Job.from_json(item) for item in page["items"]]
             cursor = page.get("next_cursor")
             if not cursor:

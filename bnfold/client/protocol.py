@@ -116,7 +116,8 @@ def _caller_signature(signature: inspect.Signature, options: type | None) -> ins
     ``**options`` spelled out as the fields of the ``options`` dataclass."""
     parameters = list(signature.parameters.values())[1:]
     if options is not None and parameters and parameters[-1].kind is inspect.Parameter.VAR_KEYWORD:
-        parameters[-1:] = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        parameters[-1:] = [inspect.Parameter(f.name, keyword, default=f.default, annotation=f.type)
                            for f in dataclasses.fields(options)]
     result = str(signature.return_annotation)
     if result.startswith("Steps[") and result.endswith("]"):

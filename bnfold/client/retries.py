@@ -35,7 +35,8 @@ class RetryableAnswer(Exception):
         self.retry_after = retry_after(response.headers.get("retry-after"))
 
 
-def retrying(method: str, path: str, *, budget: float, replayable: bool, sleep: Callable[[float], Any]) -> tenacity.Retrying:
+def retrying(method: str, path: str, *, budget: float, replayable: bool,
+             sleep: Callable[[float], Any]) -> tenacity.Retrying:
     """The tenacity loop for one request; ``budget``: seconds it may keep retrying; ``sleep``
     receives each pause (the clients carry it out as a step, see `bnfold.client.protocol`)."""
     backoff = tenacity.wait_exponential(multiplier=0.25, max=4.0) + tenacity.wait_random(0, 0.25)
