@@ -22,11 +22,12 @@ import onnx
 from bnfold import provenance
 from bnfold.engine.plan import require_batchnorms
 from bnfold.engine.recalibrate import DEFAULT_MEMORY_BUDGET, Progress, recalibrate
-from bnfold.errors import InvalidOptions, InvalidSamples
+from bnfold.errors import InvalidOptions, InvalidSamples, QuantizationRefused
 from bnfold.folding.fold import fold_batchnorms
 from bnfold.folding.verify import check_equivalent
 from bnfold.inputs.arrays import iter_batches, load_samples, model_inputs
 from bnfold.inputs.model import load_model, read_model_bytes
+from bnfold.quantize import DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_COSINE, Int8Options, quantize_int8
 from bnfold.report import Report
 
 if TYPE_CHECKING:  # the image extra (Pillow, tifffile, pydantic) is imported only when images are given
@@ -43,7 +44,13 @@ class JobOptions:
     on_bad_image: 'fail' or 'skip' an unreadable/mismatched image; image_limits: decoding bounds.
     Where and how fast, never what (kept out of the provenance): spill_dir: folder for the cut
     tensors beyond memory_budget (None: the system's temporary folder); threads: ONNX Runtime
-    intra-op threads for recalibration and verification (0: one per core)."""
+    intra-op threads for recalibration and verification (0: one per core).
+    INT8 (`bnfold.quantize`): quantize: None, or 'int8' to quantize the folded model statically,
+    calibrated on the same samples (needs fold); quantize_method: 'minmax', 'entropy' or 'percentile';
+    min_agreement / min_cosine: the agreement gate's thresholds (top-1 agreement of classifier-like
+    outputs, cosine similarity of every float output) below which the INT8 model is refused.
+    memory_budget also bounds the samples kept in RAM between calibration and the gate; the INT8
+    step's temporary files go to spill_dir."""
 
     fold: bool = True
     batch_size: int = 64
@@ -56,8 +63,13 @@ class JobOptions:
     image_limits: ImageLimits | None = None
     spill_dir: str | os.PathLike | None = None
     threads: int = 0
+    quantize: str | None = None
+    quantize_method: str = "minmax"
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+    min_cosine: float = DEFAULT_MIN_COSINE
 
     def __post_init__(self) -> None:
+        self._check_quantize()
         if self.on_bad_image not in ("fail", "skip"):
             raise _on_field(InvalidOptions(f"on_bad_image must be 'fail' or 'skip', got {self.on_bad_image!r}"),
                             "options.on_bad_image")
@@ -80,6 +92,23 @@ class JobOptions:
             value = getattr(self, name)
             if value is not None and not (value >= 0 and np.isfinite(value)):
                 raise InvalidOptions(f"{name} must be a finite number ≥ 0, got {value}")
+
+
+    def _check_quantize(self) -> None:
+        if self.quantize not in (None, "int8"):
+            raise _on_field(InvalidOptions(f"quantize must be 'int8' or absent, got {self.quantize!r}"), "options.quantize")
+        if self.quantize and not self.fold:
+            raise _on_field(InvalidOptions("quantize needs fold: BN is folded first so that the quantizer sees the "
+                                           "final weights; drop --no-fold (fold: false)"), "options.quantize")
+        for name in ("quantize_method", "min_agreement", "min_cosine"):
+            try:
+                Int8Options(**{name.removeprefix("quantize_"): getattr(self, name)})
+            except InvalidOptions as exc:  # (_naming is defined below; JobOptions() runs at import)
+                raise _on_field(exc, f"options.{name}") from None
+
+    def int8_options(self) -> Int8Options:
+        return Int8Options(method=self.quantize_method, min_agreement=self.min_agreement, min_cosine=self.min_cosine,
+                           batch_size=self.batch_size, keep_bytes=self.memory_budget, threads=self.threads)
 
 
 @dataclasses.dataclass
@@ -112,6 +141,11 @@ def recalibrate_files(
             return JobOutput(result.model, result.report)
         first = images.first(options.verify_samples) if images is not None else _first(samples, options.verify_samples)
         final = _fold_and_verify(result.model, result.report, first, options)
+        samples_sha256 = images.sha256 if images is not None else _file_sha256(samples_path)  # before another pass
+        if options.quantize:
+            if progress is not None:
+                progress("quantizing to INT8", 1.0)
+            final = _quantize(final, images if images is not None else samples, result.report, options)
     finally:
         if images is not None:
             images.close()
@@ -121,7 +155,7 @@ def recalibrate_files(
         images.spec.to_json() if images is not None else _carried_spec(model),
         source_sha256=provenance.sha256_bytes(data),
         samples=result.report.samples,
-        samples_sha256=images.sha256 if images is not None else _file_sha256(samples_path),
+        samples_sha256=samples_sha256,
         options=_provenance_options(options),
     )
     return JobOutput(final, result.report)
@@ -154,6 +188,9 @@ def _image_samples(model: onnx.ModelProto, path, options: JobOptions) -> tuple[I
 
 def fold_file(model_source: str | os.PathLike | bytes, options: JobOptions = JobOptions()) -> JobOutput:
     """Fold only (no samples): verification runs on random inputs."""
+    if options.quantize:
+        raise _on_field(InvalidOptions("INT8 quantization calibrates on samples: recalibrate with samples to quantize"),
+                        "options.quantize")
     data = _read_bytes(model_source)
     model = load_model(data)
     report = Report(samples=0, batches=0, layers=[])
@@ -206,6 +243,17 @@ def _fold_and_verify(model, report: Report, feeds, options: JobOptions) -> onnx.
     report.extra["fold"] = folded.to_dict()
     report.extra["verification"] = check.to_dict()
     return folded.model
+
+
+def _quantize(model: onnx.ModelProto, samples, report: Report, options: JobOptions) -> onnx.ModelProto:
+    """The INT8 model (report.extra["quantize"]); a refusal carries the float model (``exc.float_model``)."""
+    try:
+        result = quantize_int8(model, samples, options.int8_options(), work_dir=options.spill_dir)
+    except QuantizationRefused as exc:
+        exc.float_model = model
+        raise
+    report.extra["quantize"] = result.report
+    return result.model
 
 
 def _first(samples, count: int) -> dict[str, np.ndarray] | np.ndarray | None:

@@ -114,6 +114,7 @@ def print_summary(report: Report, output: Path, report_path: Path | None) -> Non
         out.print(f"[yellow]warning:[/] {warning}", highlight=False)
     print_images(report)
     print_fold(report)
+    print_quantize(report)
     out.print(f"wrote {output}" + (f" and {report_path}" if report_path else "") + f" in {report.timings.get('total', 0):.2f} s")
 
 
@@ -124,6 +125,26 @@ def print_images(report: Report) -> None:
                   f"files ignored (preprocessing from {images['spec_origin']})", highlight=False)
         for entry in images["skipped"][:5]:
             out.print(f"[yellow]skipped[/] {escape(entry['name'])}: {escape(entry['reason'])}", highlight=False)
+
+
+def print_quantize(report: Report) -> None:
+    q = report.extra.get("quantize")
+    if not q:
+        return
+    size = q["size"]
+    out.print(f"INT8 ({q['method']}): {size['int8_bytes']:,} bytes, {100 * size['ratio']:.0f} % of the float model's "
+              f"{size['float_bytes']:,}; runs in INT8: {', '.join(q['ops']['int8'])}", highlight=False)
+    for o in q["gate"]["outputs"]:
+        top1 = f"top-1 agreement {o['top1']:.4f}, " if o.get("top1") is not None else ""
+        cosine = f"cosine {o['cosine']:.5f}, rel. max |Δ| {o['rel_max']:.3g}" if o["kind"] != "discrete" else ""
+        out.print(f"agreement with the float model on {q['gate']['samples']} samples, {o['name']}: {top1}{cosine}",
+                  highlight=False)
+    for batch, t in q.get("latency", {}).items():
+        if t["speedup"]:
+            out.print(f"CPU latency {batch.replace('_', ' ')}: float {t['float_ms']:.3g} ms, INT8 {t['int8_ms']:.3g} ms "
+                      f"(speed-up {t['speedup']:.2f}×)", highlight=False)
+    for warning in q.get("warnings", []):
+        out.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
 
 def print_fold(report: Report) -> None:

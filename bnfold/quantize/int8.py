@@ -85,6 +85,8 @@ def quantize_int8(model: onnx.ModelProto, samples: Samples, options: Int8Options
     to a fresh folder inside `work_dir` (None: the system's), removed at the end. Raises
     `QuantizationRefused` (with ``.report``, the figures so far) when not possible or not agreeing."""
     model = _checked(model)
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bnfold-int8-", dir=work_dir) as tmp:
         return _quantize(model, samples, options, Path(tmp))
 
