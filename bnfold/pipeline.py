@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -113,8 +114,11 @@ class JobOptions:
 
 @dataclasses.dataclass
 class JobOutput:
+    """model: the result. float_model: with quantize, the float (recalibrated, folded) model as well."""
+
     model: onnx.ModelProto
     report: Report
+    float_model: onnx.ModelProto | None = None
 
 
 def recalibrate_files(
@@ -142,23 +146,30 @@ def recalibrate_files(
         first = images.first(options.verify_samples) if images is not None else _first(samples, options.verify_samples)
         final = _fold_and_verify(result.model, result.report, first, options)
         samples_sha256 = images.sha256 if images is not None else _file_sha256(samples_path)  # before another pass
+
+        def stamp(target: onnx.ModelProto, stamped_options: JobOptions) -> None:
+            _stamp(
+                target,
+                # the folded model keeps the preprocessing its statistics were measured with
+                images.spec.to_json() if images is not None else _carried_spec(model),
+                source_sha256=provenance.sha256_bytes(data),
+                samples=result.report.samples,
+                samples_sha256=samples_sha256,
+                options=_provenance_options(stamped_options),
+            )
+
+        float_model = None
         if options.quantize:
+            float_model = final
+            stamp(float_model, dataclasses.replace(options, quantize=None))  # as the job without quantize makes it
             if progress is not None:
                 progress("quantizing to INT8", 1.0)
             final = _quantize(final, images if images is not None else samples, result.report, options)
     finally:
         if images is not None:
             images.close()
-    _stamp(
-        final,
-        # the folded model keeps the preprocessing its statistics were measured with
-        images.spec.to_json() if images is not None else _carried_spec(model),
-        source_sha256=provenance.sha256_bytes(data),
-        samples=result.report.samples,
-        samples_sha256=samples_sha256,
-        options=_provenance_options(options),
-    )
-    return JobOutput(final, result.report)
+    stamp(final, options)
+    return JobOutput(final, result.report, float_model)
 
 
 def _image_samples(model: onnx.ModelProto, path, options: JobOptions) -> tuple[ImageSamples | None, str | None]:
@@ -218,7 +229,11 @@ def _stamp(model: onnx.ModelProto, spec_json: str | None, **entries) -> None:
 
 def _provenance_options(options: JobOptions) -> dict[str, Any]:
     """The options that decide the result; spill_dir and threads do not (and a server's paths stay private)."""
-    return {k: v for k, v in dataclasses.asdict(options).items() if k not in ("spill_dir", "threads")}
+    dropped = {"spill_dir", "threads"} | (set() if options.quantize else set(_INT8_FIELDS))  # a float job: as before INT8
+    return {k: v for k, v in dataclasses.asdict(options).items() if k not in dropped}
+
+
+_INT8_FIELDS = ("quantize", "quantize_method", "min_agreement", "min_cosine")
 
 
 @contextlib.contextmanager
@@ -247,12 +262,14 @@ def _fold_and_verify(model, report: Report, feeds, options: JobOptions) -> onnx.
 
 def _quantize(model: onnx.ModelProto, samples, report: Report, options: JobOptions) -> onnx.ModelProto:
     """The INT8 model (report.extra["quantize"]); a refusal carries the float model (``exc.float_model``)."""
+    start = time.perf_counter()
     try:
         result = quantize_int8(model, samples, options.int8_options(), work_dir=options.spill_dir)
     except QuantizationRefused as exc:
         exc.float_model = model
         raise
     report.extra["quantize"] = result.report
+    report.timings["quantize"] = time.perf_counter() - start
     return result.model
 
 

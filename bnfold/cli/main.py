@@ -20,6 +20,7 @@ from bnfold.cli.output import (
     check_writable,
     err,
     errors_to_exit,
+    float_kept,
     out,
     print_fold,
     print_summary,
@@ -102,6 +103,8 @@ def recalibrate_command(
                                                 "the float model (classifier-like outputs).")] = DEFAULT_MIN_AGREEMENT,
     min_cosine: Annotated[float, _int8_option("--min-cosine", "Refuse the INT8 model below this cosine similarity to the "
                                              "float model's outputs.")] = DEFAULT_MIN_COSINE,
+    float_output: Annotated[Optional[Path], _int8_option("--float-output", "Also write the float (recalibrated, folded) "
+                                                        "model here, even when the INT8 model is refused.")] = None,
 ) -> None:
     """Recompute every BN's population mean/var on unlabeled samples of the new domain."""
     with errors_to_exit():
@@ -113,14 +116,17 @@ def recalibrate_command(
         options = JobOptions(fold=fold, batch_size=batch_size, memory_budget=parse_bytes(memory_budget),
                              preprocess=spec, on_bad_image=on_bad_image, quantize=quantize,
                              quantize_method=quantize_method, min_agreement=min_agreement, min_cosine=min_cosine)
-        check_writable(output, report)
+        check_writable(output, report, float_output)
+        if float_output is not None and (not quantize or server is not None):
+            raise InvalidOptions("--float-output goes with --quantize int8, run here (not with --server)")
         if server is not None:
             from bnfold.cli.remote import recalibrate_remote
 
             job = recalibrate_remote(server, model, samples, options, quiet)
         else:
-            with progress_bar(quiet) as callback:
+            with progress_bar(quiet) as callback, float_kept(float_output) as keep:
                 job = recalibrate_files(model, samples, options, progress=callback)
+                keep.written(job)
         write_outputs(output, job, report)
         if not quiet:
             print_summary(job.report, output, report)

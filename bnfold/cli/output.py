@@ -101,6 +101,42 @@ def write_outputs(model_path: Path, job, report_path: Path | None) -> None:
             Path(tmp).unlink(missing_ok=True)
 
 
+class float_kept:
+    """With a path: the float model of a quantizing job is written there — on success, and when the
+    INT8 model is refused (the error then says where it is)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if self.path is None:
+            return False
+        model = getattr(exc, "float_model", None) if exc is not None else None
+        if model is not None:
+            write_model(self.path, model)
+            exc.message += f" (the float model was written to {self.path})"
+        return False
+
+    def written(self, job) -> None:
+        if self.path is not None and job.float_model is not None:
+            write_model(self.path, job.float_model)
+
+
+def write_model(path: Path, model) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", dir=Path(path).absolute().parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise InvalidOptions(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def print_summary(report: Report, output: Path, report_path: Path | None) -> None:
     totals = report.totals
     table = Table(title=f"BN statistics on {report.samples} samples ({totals['levels']} BN levels)")

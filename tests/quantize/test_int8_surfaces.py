@@ -100,3 +100,25 @@ def test_service_schema_refuses_unknown_quantization():
 
     with pytest.raises(pydantic.ValidationError, match="quantize"):
         JobOptionsIn(quantize="int4")
+
+
+def test_cli_float_output_is_written_on_success_and_on_refusal(demo_files, tmp_path):
+    base = ["recalibrate", str(demo_files / "model.onnx"), str(demo_files / "samples.npy"), "--quantize", "int8", "-q"]
+    ok = _runner().invoke(app, base + ["-o", str(tmp_path / "q.onnx"), "--float-output", str(tmp_path / "f.onnx")])
+    assert ok.exit_code == 0, ok.stderr
+    float_ops = {n.op_type for n in onnx.load(tmp_path / "f.onnx").graph.node}
+    assert "DequantizeLinear" not in float_ops and "BatchNormalization" not in float_ops
+    options = json.loads({p.key: p.value for p in onnx.load(tmp_path / "f.onnx").metadata_props}["bnfold.options"])
+    assert "quantize" not in options  # provenance of the float model: the plain job's
+
+    refused = _runner().invoke(app, base + ["-o", str(tmp_path / "r.onnx"), "--float-output", str(tmp_path / "rf.onnx"),
+                                            "--min-cosine", "1"])
+    assert refused.exit_code == 1 and "the float model was written to" in refused.stderr.replace("\n", " ")
+    assert not (tmp_path / "r.onnx").exists()
+    assert {n.op_type for n in onnx.load(tmp_path / "rf.onnx").graph.node} == float_ops
+
+
+def test_cli_float_output_needs_quantize(demo_files, tmp_path):
+    result = _runner().invoke(app, ["recalibrate", str(demo_files / "model.onnx"), str(demo_files / "samples.npy"),
+                                    "-o", str(tmp_path / "q.onnx"), "--float-output", str(tmp_path / "f.onnx")])
+    assert result.exit_code == 1 and "--float-output goes with --quantize int8" in result.stderr
