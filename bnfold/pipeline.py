@@ -28,7 +28,7 @@ from bnfold.folding.fold import fold_batchnorms
 from bnfold.folding.verify import check_equivalent
 from bnfold.inputs.arrays import iter_batches, load_samples, model_inputs
 from bnfold.inputs.model import load_model, read_model_bytes
-from bnfold.quantize import DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_COSINE, Int8Options, quantize_int8
+from bnfold.quantize import DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_COSINE, Int8Options, check_quantizable, quantize_int8
 from bnfold.report import Report
 
 if TYPE_CHECKING:  # the image extra (Pillow, tifffile, pydantic) is imported only when images are given
@@ -299,10 +299,13 @@ def precheck(model_source: str | os.PathLike | bytes, samples_path: str | os.Pat
     the checker and has BN nodes; the samples file is readable and its first batch fits the model.
     Images: the spec resolves and fits the model input, the archive listing passes the safety
     checks, and the first images decode (options: preprocess, on_bad_image, image_limits).
+    With options.quantize, models INT8 cannot take (float16, no compute op) are refused here.
     The rest of the data (e.g. NaN in a later batch) is checked by the job itself."""
     model = load_model(_read_bytes(model_source))
     require_batchnorms(model)
     options = dataclasses.replace(options or JobOptions(), batch_size=batch_size)
+    if options.quantize:
+        check_quantizable(model)
     images, _ = _image_samples(model, samples_path, options)
     if images is None:
         next(iter_batches(load_samples(samples_path), model_inputs(model), batch_size))

@@ -91,7 +91,8 @@ def quantize_int8(model: onnx.ModelProto, samples: Samples, options: Int8Options
         return _quantize(model, samples, options, Path(tmp))
 
 
-def _checked(model: onnx.ModelProto) -> onnx.ModelProto:
+def check_quantizable(model: onnx.ModelProto) -> None:
+    """The refusals that need no samples (float16/bfloat16, no compute op); cheap, for a precheck."""
     graph = model.graph
     typed = [(v.name, v.type.tensor_type.elem_type) for v in (*graph.input, *graph.output)]
     typed += [(t.name, t.data_type) for t in graph.initializer]
@@ -106,6 +107,10 @@ def _checked(model: onnx.ModelProto) -> onnx.ModelProto:
         raise QuantizationRefused(
             f"nothing to quantize: the model has no {', '.join(sorted(measure.COMPUTE_OPS))} node (its ops: "
             f"{', '.join(sorted(ops))}), and INT8 only pays off on those; drop the quantize option")
+
+
+def _checked(model: onnx.ModelProto) -> onnx.ModelProto:
+    check_quantizable(model)
     if opset_version(model) < _MIN_OPSET:
         try:
             model = onnx.version_converter.convert_version(model, _MIN_OPSET)

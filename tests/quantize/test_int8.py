@@ -31,7 +31,7 @@ def _conv_model(dtype=TensorProto.FLOAT, op: str = "Conv", channels: int = 8) ->
         node = helper.make_node("ConvTranspose", ["x", "w"], ["h"], kernel_shape=[2, 2], strides=[2, 2])
     graph = helper.make_graph(
         [node, helper.make_node("Relu", ["h"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", dtype, ["N", 4, 8, 8])], [helper.make_tensor_value_info("y", dtype, None)],
+        [helper.make_tensor_value_info("x", dtype, ["N", 4, 8, 8])], [helper.make_tensor_value_info("y", dtype, ["N", "C", "H", "W"])],
         [numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -192,3 +192,25 @@ def test_temporary_files_go_to_the_callers_folder_only(tmp_path, monkeypatch):
     assert result.report["ops"]["int8"] and made
     assert all(os.path.commonpath([p, work]) == str(work) for p in made), made
     assert list(work.iterdir()) == []  # and nothing is left behind
+
+
+def _with_bn(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Conv → BN → Relu: the Conv's output goes through a BatchNormalization of the same float type."""
+    graph, dtype = model.graph, model.graph.input[0].type.tensor_type.elem_type
+    np_type, channels = onnx.helper.tensor_dtype_to_np_dtype(dtype), graph.initializer[0].dims[0]
+    for name, value in (("s", 1.0), ("b", 0.0), ("m", 0.0), ("v", 1.0)):
+        graph.initializer.append(numpy_helper.from_array(np.full(channels, value, np_type), name))
+    graph.node.insert(1, helper.make_node("BatchNormalization", ["h", "s", "b", "m", "v"], ["hb"]))
+    graph.node[2].input[0] = "hb"
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_precheck_refuses_a_float16_model_before_any_work(tmp_path):
+    from bnfold.pipeline import precheck
+
+    onnx.save(_with_bn(_conv_model(TensorProto.FLOAT16)), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", _samples(8).astype(np.float16))
+    precheck(tmp_path / "m.onnx", tmp_path / "x.npy", options=JobOptions())  # fine without quantize
+    with pytest.raises(QuantizationRefused, match="float16"):
+        precheck(tmp_path / "m.onnx", tmp_path / "x.npy", options=JobOptions(quantize="int8"))
