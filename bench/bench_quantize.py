@@ -1,6 +1,6 @@
 """INT8 after folding vs ONNX Runtime's `quantize_static` on the unfolded model: size, CPU latency, accuracy.
 
-    python -m bench.bench_quantize [--resnet] [--repeats 20]
+    python -m bench.bench_quantize [--resnet] [--encdec] [--repeats 20] [--threads 1]
 
 For each case the BN statistics are first recalibrated on the new lab's unlabeled samples (bnfold),
 giving the recalibrated float model R (BN kept). Then, all calibrated with MinMax on the same samples,
@@ -12,11 +12,13 @@ QDQ, per-channel int8 weights, uint8 activations (identical quantizer settings):
 * (e) ORT's recommended flow on R: `quant_pre_process` (its ORT graph optimisation fuses Conv+BN)
   then `quantize_static`.
 
-Reported: serialized size, median latency (ORT CPU, default session options, batch 1 and 32,
-interleaved repeats after a warm-up), held-out accuracy / mean IoU where labels exist, and top-1
-agreement / cosine similarity with (b) on the calibration samples. Cases: the demo's digits CNN
+Reported: serialized size, median latency (ORT CPU, default graph optimizations, batch 1 and 32,
+interleaved repeats after a warm-up; one intra-op thread unless ``--threads``), held-out accuracy /
+mean IoU where labels exist, and top-1 agreement / cosine similarity with (b) on the calibration samples. Cases: the demo's digits CNN
 (lab shift), the U-Net-like segmentation model (`bnfold.demo.shapes`), and with ``--resnet`` the
-ResNet-18 of `bench.models` (needs torch; 128 samples of 3×128×128, no labels).
+ResNet-18 of `bench.models` (needs torch; 128 samples of 3×128×128, no labels), with ``--encdec`` the
+encoder/decoder of `bench.bench_fold`, whose BN after grouped ConvTranspose and after Gemm ORT's
+optimizer does not fuse (256 shifted random samples, no labels).
 """
 
 from __future__ import annotations
@@ -58,8 +60,13 @@ def _ort_int8(model: onnx.ModelProto, samples: np.ndarray, name: str, work: Path
     return onnx.load(str(work / "q.onnx"))
 
 
+THREADS = [1]  # set from --threads
+
+
 def _session(data: bytes) -> ort.InferenceSession:
-    return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS[0]
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
 def _latencies(models: dict[str, bytes], sample: np.ndarray, name: str, batch: int, repeats: int) -> dict[str, float]:
@@ -147,16 +154,33 @@ def _resnet(repeats, workdir):
                     onnx.load(paths["onnx"]), np.load(paths["samples_128"]), lambda data: None, repeats)
 
 
+def _encdec(repeats, workdir):
+    from bench.bench_fold import model_paths
+
+    path = model_paths(Path(workdir), ["encdec"])["encdec"]
+    rng = np.random.default_rng(3)  # a shifted input distribution: other mean and scale per channel
+    samples = (rng.normal(size=(256, 3, 64, 64)) * [[[0.6]], [[1.3]], [[0.9]]] + [[[0.4]], [[-0.2]], [[0.1]]])
+    return run_case("Encoder/decoder of bench_fold (grouped ConvTranspose+BN, Gemm+BatchNorm1d), 256 samples "
+                    "3×64×64 (no labels)", onnx.load(str(path)), samples.astype(np.float32), lambda data: None, repeats)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--resnet", action="store_true", help="also ResNet-18 (needs torch; builds bench/out once)")
+    ap.add_argument("--encdec", action="store_true", help="also bench_fold's encoder/decoder (needs torch, once)")
+    ap.add_argument("--only", choices=["resnet", "encdec"], help="run only this torch-built case")
     ap.add_argument("--workdir", default="bench/out")
+    ap.add_argument("--threads", type=int, default=1, help="ORT intra-op threads for the timings (default 1: on a "
+                    "shared machine, spinning thread pools make multi-thread timings mostly contention)")
     args = ap.parse_args(argv)
-    print(f"onnxruntime {ort.__version__}, onnx {onnx.__version__}, repeats {args.repeats}\n")
-    rows = _digits(args.repeats) + _shapes(args.repeats)
-    if args.resnet:
-        rows += _resnet(max(3, args.repeats // 4), args.workdir)
+    THREADS[0] = args.threads
+    print(f"onnxruntime {ort.__version__}, onnx {onnx.__version__}, repeats {args.repeats}, threads {args.threads}\n")
+    rows = [] if args.only else _digits(args.repeats) + _shapes(args.repeats)
+    if args.resnet or args.only == "resnet":
+        rows += _resnet(max(5, args.repeats // 2), args.workdir)
+    if args.encdec or args.only == "encdec":
+        rows += _encdec(args.repeats, args.workdir)
     print("\n".join(rows))
 
 

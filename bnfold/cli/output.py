@@ -171,9 +171,10 @@ def print_quantize(report: Report) -> None:
     out.print(f"INT8 ({q['method']}): {size['int8_bytes']:,} bytes, {100 * size['ratio']:.0f} % of the float model's "
               f"{size['float_bytes']:,}; runs in INT8: {', '.join(q['ops']['int8'])}", highlight=False)
     for o in q["gate"]["outputs"]:
-        top1 = f"top-1 agreement {o['top1']:.4f}, " if o.get("top1") is not None else ""
-        cosine = f"cosine {o['cosine']:.5f}, rel. max |Δ| {o['rel_max']:.3g}" if o["kind"] != "discrete" else ""
-        out.print(f"agreement with the float model on {q['gate']['samples']} samples, {o['name']}: {top1}{cosine}",
+        figures = [f"top-1 agreement {o['top1']:.4f}"] if o.get("top1") is not None else []
+        if o["kind"] != "discrete":
+            figures.append(f"cosine {o['cosine']:.5f}, rel. max |Δ| {o['rel_max']:.3g}")
+        out.print(f"agreement with the float model on {q['gate']['samples']} samples, {o['name']}: {', '.join(figures)}",
                   highlight=False)
     for batch, t in q.get("latency", {}).items():
         if t["speedup"]:

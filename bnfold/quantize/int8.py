@@ -164,8 +164,9 @@ def _quantize(model: onnx.ModelProto, samples: Samples, options: Int8Options, wo
 def _refused(reason: str, report: dict[str, Any]) -> QuantizationRefused:
     exc = QuantizationRefused(
         f"{reason}. Nothing was written; the float model (recalibrated and folded) is unaffected: run again without "
-        "the quantize option (CLI: drop --quantize; service/SDK: quantize null) to get it, or lower the thresholds "
-        "(--min-agreement / --min-cosine) if this loss is acceptable")
+        "the quantize option to get it (CLI: drop --quantize, or add --float-output PATH to keep it from a quantizing "
+        "run; service/SDK: quantize null), or lower the thresholds (--min-agreement / --min-cosine) if this loss is "
+        "acceptable")
     exc.report = report
     return exc
 
