@@ -173,7 +173,7 @@ def print_quantize(report: Report) -> None:
     for o in q["gate"]["outputs"]:
         figures = [f"top-1 agreement {o['top1']:.4f}"] if o.get("top1") is not None else []
         if o["kind"] != "discrete":
-            figures.append(f"cosine {o['cosine']:.5f}, rel. max |Δ| {o['rel_max']:.3g}")
+            figures.append(f"cosine {_figure(o['cosine'], '.5f')}, rel. max |Δ| {_figure(o['rel_max'], '.3g')}")
         out.print(f"agreement with the float model on {q['gate']['samples']} samples, {o['name']}: {', '.join(figures)}",
                   highlight=False)
     for batch, t in q.get("latency", {}).items():
@@ -182,6 +182,10 @@ def print_quantize(report: Report) -> None:
                       f"(speed-up {t['speedup']:.2f}×)", highlight=False)
     for warning in q.get("warnings", []):
         out.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
+def _figure(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)  # None: not finite (see bnfold.quantize.gate.to_dict)
 
 
 def print_fold(report: Report) -> None:
