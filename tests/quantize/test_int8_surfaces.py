@@ -122,3 +122,27 @@ def test_cli_float_output_needs_quantize(demo_files, tmp_path):
     result = _runner().invoke(app, ["recalibrate", str(demo_files / "model.onnx"), str(demo_files / "samples.npy"),
                                     "-o", str(tmp_path / "q.onnx"), "--float-output", str(tmp_path / "f.onnx")])
     assert result.exit_code == 1 and "--float-output goes with --quantize int8" in result.stderr
+
+
+def test_summary_prints_discrete_outputs_and_non_finite_figures(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import bnfold.cli.output as output
+    from bnfold.report import Report
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(output, "out", Console(file=buffer, width=200))
+    report = Report(samples=3, batches=1, layers=[])
+    report.extra["quantize"] = {
+        "method": "minmax", "size": {"int8_bytes": 10, "float_bytes": 30, "ratio": 1 / 3},
+        "ops": {"int8": ["QLinearConv ×1"], "float": []},
+        "gate": {"samples": 3, "outputs": [{"name": "y", "kind": "float", "cosine": None, "rel_max": None, "top1": None},
+                                           {"name": "k", "kind": "discrete", "top1": 0.5}]},
+        "latency": {"batch_1": {"float_ms": 1.0, "int8_ms": 0.5, "speedup": 2.0},
+                    "batch_32": {"float_ms": None, "int8_ms": None, "speedup": None}}}
+    output.print_quantize(report)
+    text = buffer.getvalue()
+    assert "y: cosine n/a, rel. max |Δ| n/a" in text and "k: top-1 agreement 0.5000\n" in text
+    assert "speed-up 2.00×" in text and "batch 32" not in text  # a fixed batch axis: no batch-32 figure
