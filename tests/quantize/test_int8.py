@@ -144,6 +144,27 @@ def test_ops_without_int8_kernels_are_refused_by_name():
     assert error.value.field == "options.quantize"
 
 
+def test_a_grouped_conv_transpose_with_bias_is_left_in_float_and_named():
+    """ORT's per-channel quantizer fails on it (bias scales sized for all out-channels, weight scales for
+    one group's); folding gives every BN-followed ConvTranspose a bias, so this is common after bnfold."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 8, 1, 1)).astype(np.float32), "cw"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (8, 4, 2, 2)).astype(np.float32), "tw"),
+             numpy_helper.from_array(rng.normal(size=8).astype(np.float32), "tb")]
+    nodes = [helper.make_node("Conv", ["x", "cw"], ["c"], kernel_shape=[1, 1]),  # unnamed: bnfold names it
+             helper.make_node("ConvTranspose", ["c", "tw", "tb"], ["y"], kernel_shape=[2, 2], strides=[2, 2], group=2)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = quantize_int8(model, rng.normal(size=(16, 8, 4, 4)).astype(np.float32), Int8Options(latency=False))
+    assert result.report["excluded"] == [{"node": "ConvTranspose_1", "op": "ConvTranspose", "reason": (
+        "grouped ConvTranspose with a bias: ONNX Runtime's per-channel quantizer cannot size its bias scales")}]
+    assert result.report["ops"] == {"int8": ["QLinearConv ×1"], "float": ["ConvTranspose ×1"]}
+    assert result.report["warnings"][0].startswith("left in float: ConvTranspose_1")
+    transposed = next(n for n in result.model.graph.node if n.op_type == "ConvTranspose")
+    assert "tw" in transposed.input  # its float weight, not a DequantizeLinear output
+
+
 def test_disagreement_is_refused_with_the_figures_and_the_way_to_the_float_model():
     error = pytest.raises(QuantizationRefused, quantize_int8, _conv_model(), _samples(),
                           Int8Options(min_cosine=1.0, latency=False))
