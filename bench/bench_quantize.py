@@ -63,6 +63,14 @@ def _ort_int8(model: onnx.ModelProto, samples: np.ndarray, name: str, work: Path
 THREADS = [1]  # set from --threads
 
 
+def _attempt(make, *args):
+    """The peer's model, or why it failed (one line)."""
+    try:
+        return make(*args)
+    except Exception as exc:  # a peer's failure is a result to report, not a crash of the bench
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+
+
 def _session(data: bytes) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS[0]
@@ -101,9 +109,12 @@ def run_case(title, model, calibration, score, repeats: int) -> list[str]:
             "(b) float, folded (bnfold)": folded,
             "(c) bnfold fold → INT8": quantize_int8(  # gate off: the table reports agreement for every variant
                 folded, calibration, Int8Options(latency=False, min_agreement=0, min_cosine=0)).model,
-            "(d) ORT quantize_static, unfolded": _ort_int8(recalibrated, calibration, name, Path(tmp), False),
-            "(e) ORT quant_pre_process + quantize_static": _ort_int8(recalibrated, calibration, name, Path(tmp), True),
+            "(d) ORT quantize_static, unfolded": _attempt(_ort_int8, recalibrated, calibration, name, Path(tmp), False),
+            "(e) ORT quant_pre_process + quantize_static": _attempt(_ort_int8, recalibrated, calibration, name, Path(tmp),
+                                                                    True),
         }
+    failed = {k: v for k, v in variants.items() if isinstance(v, str)}
+    variants = {k: v for k, v in variants.items() if k not in failed}
     data = {k: m.SerializeToString() for k, m in variants.items()}
     lat = {b: _latencies(data, calibration, name, b, repeats) for b in (1, 32)}
     ref = data["(b) float, folded (bnfold)"]
@@ -120,6 +131,7 @@ def run_case(title, model, calibration, score, repeats: int) -> list[str]:
             f"{lat[1][k] / lat[1]['(b) float, folded (bnfold)']:.2f} | {lat[32][k]:.3f} | "
             f"{lat[32][k] / lat[32]['(b) float, folded (bnfold)']:.2f} | {lat[32][k] / lat[32]['(c) bnfold fold → INT8']:.2f} | "
             f"{'—' if s is None else f'{s:.4f}'} | {'—' if top1 is None else f'{top1:.4f}'} | {cosine:.5f} |")
+    rows += [f"| {k} | fails: {reason} |||||||||||" for k, reason in failed.items()]
     return rows + [""]
 
 
