@@ -70,3 +70,31 @@ def test_segmentation_int8_keeps_mean_iou(tmp_path):
     # ONNX Runtime has no CPU INT8 ConvTranspose: it stays float between DQ/Q, and the report says so
     assert q["ops"]["float"] == ["ConvTranspose ×1"] and "ConvTranspose" in q["warnings"][0]
     assert q["gate"]["outputs"][0]["kind"] == "float" and q["gate"]["outputs"][0]["cosine"] > 0.99
+
+
+@pytest.mark.parametrize("budget", [0, 2**30], ids=["read-again", "kept"])
+def test_image_folder_and_npz_samples(tmp_path, digits, budget):
+    """Images are decoded again only when they do not fit the budget; the samples' digest in the
+    provenance is the one of the images (the second pass must not lose it); .npz works alike."""
+    pytest.importorskip("PIL")
+    from bnfold.demo.images import write_images
+    from bnfold.demo.run import IMAGE_SPEC
+    from bnfold.inputs.preprocess import write_spec
+
+    model, calibration, _, _ = digits
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    write_spec(model, IMAGE_SPEC)
+    onnx.save(model, tmp_path / "model.onnx")
+    write_images(calibration[:100], tmp_path / "images", fmt="png")
+    options = JobOptions(quantize="int8", memory_budget=budget, batch_size=32)
+    job = recalibrate_files(tmp_path / "model.onnx", tmp_path / "images", options)
+    plain = recalibrate_files(tmp_path / "model.onnx", tmp_path / "images", JobOptions(batch_size=32))
+    gate = job.report.extra["quantize"]["gate"]
+    assert gate["samples"] == 100 and gate["samples_read_again"] == (budget == 0) and not gate["subset"]
+    props = {p.key: p.value for p in job.model.metadata_props}
+    plain_props = {p.key: p.value for p in plain.model.metadata_props}
+    assert props["bnfold.samples_sha256"] == plain_props["bnfold.samples_sha256"] and props["bnfold.preprocess"]
+
+    np.savez(tmp_path / "samples.npz", image=calibration[:100])
+    npz = recalibrate_files(tmp_path / "model.onnx", tmp_path / "samples.npz", JobOptions(quantize="int8", memory_budget=budget))
+    assert npz.report.extra["quantize"]["gate"]["samples_read_again"] == (budget == 0)
