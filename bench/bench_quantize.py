@@ -39,7 +39,13 @@ from bnfold.quantize import Int8Options, quantize_int8
 
 
 def _ort_int8(model: onnx.ModelProto, samples: np.ndarray, name: str, work: Path, pre_process: bool) -> onnx.ModelProto:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
@@ -67,7 +73,7 @@ def _attempt(make, *args):
     """The peer's model, or why it failed (one line)."""
     try:
         return make(*args)
-    except Exception as exc:  # a peer's failure is a result to report, not a crash of the bench
+    except Exception as exc:  # noqa: BLE001 — a peer's failure is a result to report, not a crash of the bench
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
 
 
@@ -119,8 +125,8 @@ def run_case(title, model, calibration, score, repeats: int) -> list[str]:
     lat = {b: _latencies(data, calibration, name, b, repeats) for b in (1, 32)}
     ref = data["(b) float, folded (bnfold)"]
     rows = [f"### {title}", "",
-            "| variant | size KiB | × (b) size | BN nodes | batch 1 ms | × (b) | batch 32 ms | × (b) | "
-            "× (c) batch 32 | score | top-1 vs (b) | cosine vs (b) |",
+            ("| variant | size KiB | × (b) size | BN nodes | batch 1 ms | × (b) | batch 32 ms | × (b) | "
+             "× (c) batch 32 | score | top-1 vs (b) | cosine vs (b) |"),
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for k, m in variants.items():
         top1, cosine = _agreement(ref, data[k], calibration, name)

@@ -28,7 +28,13 @@ from bnfold.folding.fold import fold_batchnorms
 from bnfold.folding.verify import check_equivalent
 from bnfold.inputs.arrays import iter_batches, load_samples, model_inputs
 from bnfold.inputs.model import load_model, read_model_bytes
-from bnfold.quantize import DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_COSINE, Int8Options, check_quantizable, quantize_int8
+from bnfold.quantize import (
+    DEFAULT_MIN_AGREEMENT,
+    DEFAULT_MIN_COSINE,
+    Int8Options,
+    check_quantizable,
+    quantize_int8,
+)
 from bnfold.report import Report
 
 if TYPE_CHECKING:  # the image extra (Pillow, tifffile, pydantic) is imported only when images are given

@@ -2,6 +2,12 @@
 samples, refused unless the INT8 model agrees with the float one (see `int8` and `gate`)."""
 
 from bnfold.quantize.gate import DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_COSINE
-from bnfold.quantize.int8 import METHODS, Int8Options, Int8Result, check_quantizable, quantize_int8
+from bnfold.quantize.int8 import (
+    METHODS,
+    Int8Options,
+    Int8Result,
+    check_quantizable,
+    quantize_int8,
+)
 
 __all__ = ["DEFAULT_MIN_AGREEMENT", "DEFAULT_MIN_COSINE", "METHODS", "Int8Options", "Int8Result", "check_quantizable", "quantize_int8"]

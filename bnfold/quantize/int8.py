@@ -26,7 +26,6 @@ import copy
 import dataclasses
 import io
 import logging
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -126,7 +125,7 @@ def _checked(model: onnx.ModelProto) -> onnx.ModelProto:
     if opset_version(model) < _MIN_OPSET:
         try:
             model = onnx.version_converter.convert_version(model, _MIN_OPSET)
-        except Exception as exc:  # the converter raises bare RuntimeErrors/ValueErrors per op adapter
+        except Exception as exc:  # noqa: BLE001 — the converter raises bare RuntimeErrors/ValueErrors per op adapter
             raise QuantizationRefused(
                 f"the model's opset {opset_version(model)} is below {_MIN_OPSET}, which per-channel INT8 needs, and converting "
                 f"it failed ({type(exc).__name__}: {exc}); export the model with opset ≥ {_MIN_OPSET}") from None
@@ -234,7 +233,12 @@ def _excluded(model: onnx.ModelProto) -> list[dict[str, str]]:
 
 
 def _quantize_static(float_path: Path, ranges: Path, method: str, work: Path, exclude: list[str]) -> onnx.ModelProto:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     out = work / "int8.onnx"
     calibrate_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -250,7 +254,7 @@ def _quantize_static(float_path: Path, ranges: Path, method: str, work: Path, ex
             raise QuantizationRefused("INT8 needs onnxruntime's quantize_static with calibration_cache_path "
                                       "(onnxruntime ≥ 1.32): pip install -U onnxruntime") from None
         raise _failed(exc) from None
-    except Exception as exc:  # ORT's quantizer raises ValueError/RuntimeError/AssertionError on models it cannot take
+    except Exception as exc:  # noqa: BLE001 — ORT's quantizer raises ValueError/RuntimeError/AssertionError on models it cannot take
         raise _failed(exc) from None
     return onnx.load(str(out))
 

@@ -181,11 +181,11 @@ def test_old_opset_is_converted():
 
 
 @pytest.mark.parametrize("options, field", [
-    (dict(quantize="int4"), "options.quantize"),
-    (dict(quantize="int8", fold=False), "options.quantize"),
-    (dict(quantize="int8", quantize_method="kl"), "options.quantize_method"),
-    (dict(quantize="int8", min_agreement=1.5), "options.min_agreement"),
-    (dict(quantize="int8", min_cosine=-0.1), "options.min_cosine"),
+    ({"quantize": "int4"}, "options.quantize"),
+    ({"quantize": "int8", "fold": False}, "options.quantize"),
+    ({"quantize": "int8", "quantize_method": "kl"}, "options.quantize_method"),
+    ({"quantize": "int8", "min_agreement": 1.5}, "options.min_agreement"),
+    ({"quantize": "int8", "min_cosine": -0.1}, "options.min_cosine"),
 ])
 def test_bad_int8_options_name_their_field(options, field):
     with pytest.raises(InvalidOptions) as error:

@@ -129,7 +129,7 @@ def test_summary_prints_discrete_outputs_and_non_finite_figures(monkeypatch):
 
     from rich.console import Console
 
-    import bnfold.cli.output as output
+    from bnfold.cli import output
     from bnfold.report import Report
 
     buffer = io.StringIO()
