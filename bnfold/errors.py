@@ -61,3 +61,13 @@ class VerificationFailed(BnfoldError):
     """The folded model does not match the unfolded one within tolerance; nothing is written. HTTP 422."""
 
     title = "Verification failed"
+
+
+class QuantizationRefused(BnfoldError):
+    """INT8 quantization is not possible for this model (float16, no op with an INT8 kernel) or its
+    result disagrees with the float model beyond the threshold; nothing is written. HTTP 422."""
+
+    title = "Quantization refused"
+
+    def __init__(self, message: str, *, field: str | None = "options.quantize"):
+        super().__init__(message, field=field)

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -22,11 +23,18 @@ import onnx
 from bnfold import provenance
 from bnfold.engine.plan import require_batchnorms
 from bnfold.engine.recalibrate import DEFAULT_MEMORY_BUDGET, Progress, recalibrate
-from bnfold.errors import InvalidOptions, InvalidSamples
+from bnfold.errors import InvalidOptions, InvalidSamples, QuantizationRefused
 from bnfold.folding.fold import fold_batchnorms
 from bnfold.folding.verify import check_equivalent
 from bnfold.inputs.arrays import iter_batches, load_samples, model_inputs
 from bnfold.inputs.model import load_model, read_model_bytes
+from bnfold.quantize import (
+    DEFAULT_MIN_AGREEMENT,
+    DEFAULT_MIN_COSINE,
+    Int8Options,
+    check_quantizable,
+    quantize_int8,
+)
 from bnfold.report import Report
 
 if TYPE_CHECKING:  # the image extra (Pillow, tifffile, pydantic) is imported only when images are given
@@ -43,7 +51,13 @@ class JobOptions:
     on_bad_image: 'fail' or 'skip' an unreadable/mismatched image; image_limits: decoding bounds.
     Where and how fast, never what (kept out of the provenance): spill_dir: folder for the cut
     tensors beyond memory_budget (None: the system's temporary folder); threads: ONNX Runtime
-    intra-op threads for recalibration and verification (0: one per core)."""
+    intra-op threads for recalibration and verification (0: one per core).
+    INT8 (`bnfold.quantize`): quantize: None, or 'int8' to quantize the folded model statically,
+    calibrated on the same samples (needs fold); quantize_method: 'minmax', 'entropy' or 'percentile';
+    min_agreement / min_cosine: the agreement gate's thresholds (top-1 agreement of classifier-like
+    outputs, cosine similarity of every float output) below which the INT8 model is refused.
+    memory_budget also bounds the samples kept in RAM between calibration and the gate; the INT8
+    step's temporary files go to spill_dir."""
 
     fold: bool = True
     batch_size: int = 64
@@ -56,8 +70,13 @@ class JobOptions:
     image_limits: ImageLimits | None = None
     spill_dir: str | os.PathLike | None = None
     threads: int = 0
+    quantize: str | None = None
+    quantize_method: str = "minmax"
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+    min_cosine: float = DEFAULT_MIN_COSINE
 
     def __post_init__(self) -> None:
+        self._check_quantize()
         if self.on_bad_image not in ("fail", "skip"):
             raise _on_field(InvalidOptions(f"on_bad_image must be 'fail' or 'skip', got {self.on_bad_image!r}"),
                             "options.on_bad_image")
@@ -82,10 +101,30 @@ class JobOptions:
                 raise InvalidOptions(f"{name} must be a finite number ≥ 0, got {value}")
 
 
+    def _check_quantize(self) -> None:
+        if self.quantize not in (None, "int8"):
+            raise _on_field(InvalidOptions(f"quantize must be 'int8' or absent, got {self.quantize!r}"), "options.quantize")
+        if self.quantize and not self.fold:
+            raise _on_field(InvalidOptions("quantize needs fold: BN is folded first so that the quantizer sees the "
+                                           "final weights; drop --no-fold (fold: false)"), "options.quantize")
+        for name in ("quantize_method", "min_agreement", "min_cosine"):
+            try:
+                Int8Options(**{name.removeprefix("quantize_"): getattr(self, name)})
+            except InvalidOptions as exc:  # (_naming is defined below; JobOptions() runs at import)
+                raise _on_field(exc, f"options.{name}") from None
+
+    def int8_options(self) -> Int8Options:
+        return Int8Options(method=self.quantize_method, min_agreement=self.min_agreement, min_cosine=self.min_cosine,
+                           batch_size=self.batch_size, keep_bytes=self.memory_budget, threads=self.threads)
+
+
 @dataclasses.dataclass
 class JobOutput:
+    """model: the result. float_model: with quantize, the float (recalibrated, folded) model as well."""
+
     model: onnx.ModelProto
     report: Report
+    float_model: onnx.ModelProto | None = None
 
 
 def recalibrate_files(
@@ -112,19 +151,31 @@ def recalibrate_files(
             return JobOutput(result.model, result.report)
         first = images.first(options.verify_samples) if images is not None else _first(samples, options.verify_samples)
         final = _fold_and_verify(result.model, result.report, first, options)
+        samples_sha256 = images.sha256 if images is not None else _file_sha256(samples_path)  # before another pass
+
+        def stamp(target: onnx.ModelProto, stamped_options: JobOptions) -> None:
+            _stamp(
+                target,
+                # the folded model keeps the preprocessing its statistics were measured with
+                images.spec.to_json() if images is not None else _carried_spec(model),
+                source_sha256=provenance.sha256_bytes(data),
+                samples=result.report.samples,
+                samples_sha256=samples_sha256,
+                options=_provenance_options(stamped_options),
+            )
+
+        float_model = None
+        if options.quantize:
+            float_model = final
+            stamp(float_model, dataclasses.replace(options, quantize=None))  # as the job without quantize makes it
+            if progress is not None:
+                progress("quantizing to INT8", 1.0)
+            final = _quantize(final, images if images is not None else samples, result.report, options)
     finally:
         if images is not None:
             images.close()
-    _stamp(
-        final,
-        # the folded model keeps the preprocessing its statistics were measured with
-        images.spec.to_json() if images is not None else _carried_spec(model),
-        source_sha256=provenance.sha256_bytes(data),
-        samples=result.report.samples,
-        samples_sha256=images.sha256 if images is not None else _file_sha256(samples_path),
-        options=_provenance_options(options),
-    )
-    return JobOutput(final, result.report)
+    stamp(final, options)
+    return JobOutput(final, result.report, float_model)
 
 
 def _image_samples(model: onnx.ModelProto, path, options: JobOptions) -> tuple[ImageSamples | None, str | None]:
@@ -154,6 +205,9 @@ def _image_samples(model: onnx.ModelProto, path, options: JobOptions) -> tuple[I
 
 def fold_file(model_source: str | os.PathLike | bytes, options: JobOptions = JobOptions()) -> JobOutput:
     """Fold only (no samples): verification runs on random inputs."""
+    if options.quantize:
+        raise _on_field(InvalidOptions("INT8 quantization calibrates on samples: recalibrate with samples to quantize"),
+                        "options.quantize")
     data = _read_bytes(model_source)
     model = load_model(data)
     report = Report(samples=0, batches=0, layers=[])
@@ -181,7 +235,11 @@ def _stamp(model: onnx.ModelProto, spec_json: str | None, **entries) -> None:
 
 def _provenance_options(options: JobOptions) -> dict[str, Any]:
     """The options that decide the result; spill_dir and threads do not (and a server's paths stay private)."""
-    return {k: v for k, v in dataclasses.asdict(options).items() if k not in ("spill_dir", "threads")}
+    dropped = {"spill_dir", "threads"} | (set() if options.quantize else set(_INT8_FIELDS))  # a float job: as before INT8
+    return {k: v for k, v in dataclasses.asdict(options).items() if k not in dropped}
+
+
+_INT8_FIELDS = ("quantize", "quantize_method", "min_agreement", "min_cosine")
 
 
 @contextlib.contextmanager
@@ -206,6 +264,19 @@ def _fold_and_verify(model, report: Report, feeds, options: JobOptions) -> onnx.
     report.extra["fold"] = folded.to_dict()
     report.extra["verification"] = check.to_dict()
     return folded.model
+
+
+def _quantize(model: onnx.ModelProto, samples, report: Report, options: JobOptions) -> onnx.ModelProto:
+    """The INT8 model (report.extra["quantize"]); a refusal carries the float model (``exc.float_model``)."""
+    start = time.perf_counter()
+    try:
+        result = quantize_int8(model, samples, options.int8_options(), work_dir=options.spill_dir)
+    except QuantizationRefused as exc:
+        exc.float_model = model
+        raise
+    report.extra["quantize"] = result.report
+    report.timings["quantize"] = time.perf_counter() - start
+    return result.model
 
 
 def _first(samples, count: int) -> dict[str, np.ndarray] | np.ndarray | None:
@@ -234,10 +305,13 @@ def precheck(model_source: str | os.PathLike | bytes, samples_path: str | os.Pat
     the checker and has BN nodes; the samples file is readable and its first batch fits the model.
     Images: the spec resolves and fits the model input, the archive listing passes the safety
     checks, and the first images decode (options: preprocess, on_bad_image, image_limits).
+    With options.quantize, models INT8 cannot take (float16, no compute op) are refused here.
     The rest of the data (e.g. NaN in a later batch) is checked by the job itself."""
     model = load_model(_read_bytes(model_source))
     require_batchnorms(model)
     options = dataclasses.replace(options or JobOptions(), batch_size=batch_size)
+    if options.quantize:
+        check_quantizable(model)
     images, _ = _image_samples(model, samples_path, options)
     if images is None:
         next(iter_batches(load_samples(samples_path), model_inputs(model), batch_size))

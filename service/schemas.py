@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from bnfold.inputs.preprocess import PreprocessSpec
+from bnfold.quantize import DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_COSINE
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -39,6 +40,15 @@ class JobOptionsIn(BaseModel):
     on_bad_image: Literal["fail", "skip"] = Field(
         "fail", description="Image samples only: an image that cannot be read or does not fit fails the job ('fail'), "
                             "or is left out and listed in the report's extra.images.skipped ('skip').")
+    quantize: Literal["int8"] | None = Field(None, description=(
+        "'int8': after folding, quantize statically (ONNX Runtime QDQ, per-channel int8 weights, uint8 activations), "
+        "calibrated on the same samples; the job fails (quantization-refused) when the INT8 model disagrees with the "
+        "float one beyond min_agreement / min_cosine. Figures in the report's extra.quantize. Needs fold."))
+    quantize_method: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="INT8 calibration method.")
+    min_agreement: float = Field(DEFAULT_MIN_AGREEMENT, ge=0, le=1, description=(
+        "INT8 gate: least top-1 agreement with the float model, for classifier-like outputs (N, K) and discrete outputs."))
+    min_cosine: float = Field(DEFAULT_MIN_COSINE, ge=0, le=1, description=(
+        "INT8 gate: least cosine similarity between the INT8 and the float model's float outputs."))
 
 
 class FieldError(BaseModel):

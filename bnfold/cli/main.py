@@ -20,6 +20,7 @@ from bnfold.cli.output import (
     check_writable,
     err,
     errors_to_exit,
+    float_kept,
     out,
     print_fold,
     print_summary,
@@ -29,6 +30,7 @@ from bnfold.cli.output import (
 from bnfold.cli.remote import jobs_app
 from bnfold.errors import InvalidOptions
 from bnfold.pipeline import JobOptions, fold_file, recalibrate_files
+from bnfold.quantize import DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_COSINE
 
 app = typer.Typer(
     help="Recalibrate BatchNorm statistics of ONNX models on a new domain, exactly, and fold BN away.",
@@ -62,6 +64,10 @@ def _image_option(name: str, help: str):
     return typer.Option(name, help=help, rich_help_panel="Image samples (folder or archive)")
 
 
+def _int8_option(name: str, help: str):
+    return typer.Option(name, help=help, rich_help_panel="INT8 quantization")
+
+
 @app.command("recalibrate")
 def recalibrate_command(
     model: Annotated[Path, typer.Argument(help="ONNX model with BatchNormalization nodes.")],
@@ -90,6 +96,15 @@ def recalibrate_command(
     layout: Annotated[Optional[str], _image_option("--layout", "NCHW or NHWC.")] = None,
     interpolation: Annotated[Optional[str], _image_option("--interpolation", "bilinear (default), nearest, bicubic, box, hamming, lanczos.")] = None,
     on_bad_image: Annotated[str, _image_option("--on-bad-image", "fail on an unreadable or mismatched image, or skip it (listed in the report).")] = "fail",
+    quantize: Annotated[Optional[str], _int8_option("--quantize", "int8: after folding, quantize statically (ONNX Runtime QDQ, "
+                                                   "per-channel weights), calibrated on the same samples.")] = None,
+    quantize_method: Annotated[str, _int8_option("--quantize-method", "Calibration: minmax, entropy or percentile.")] = "minmax",
+    min_agreement: Annotated[float, _int8_option("--min-agreement", "Refuse the INT8 model below this top-1 agreement with "
+                                                "the float model (classifier-like outputs).")] = DEFAULT_MIN_AGREEMENT,
+    min_cosine: Annotated[float, _int8_option("--min-cosine", "Refuse the INT8 model below this cosine similarity to the "
+                                             "float model's outputs.")] = DEFAULT_MIN_COSINE,
+    float_output: Annotated[Optional[Path], _int8_option("--float-output", "Also write the float (recalibrated, folded) "
+                                                        "model here, even when the INT8 model is refused.")] = None,
 ) -> None:
     """Recompute every BN's population mean/var on unlabeled samples of the new domain."""
     with errors_to_exit():
@@ -99,15 +114,19 @@ def recalibrate_command(
             None if preprocess is None else str(preprocess), resize=resize, center_crop=crop, color=color, channels=channels,
             scale=scale, mean=mean, std=std, layout=layout, interpolation=interpolation)
         options = JobOptions(fold=fold, batch_size=batch_size, memory_budget=parse_bytes(memory_budget),
-                             preprocess=spec, on_bad_image=on_bad_image)
-        check_writable(output, report)
+                             preprocess=spec, on_bad_image=on_bad_image, quantize=quantize,
+                             quantize_method=quantize_method, min_agreement=min_agreement, min_cosine=min_cosine)
+        check_writable(output, report, float_output)
+        if float_output is not None and (not quantize or server is not None):
+            raise InvalidOptions("--float-output goes with --quantize int8, run here (not with --server)")
         if server is not None:
             from bnfold.cli.remote import recalibrate_remote
 
             job = recalibrate_remote(server, model, samples, options, quiet)
         else:
-            with progress_bar(quiet) as callback:
+            with progress_bar(quiet) as callback, float_kept(float_output) as keep:
                 job = recalibrate_files(model, samples, options, progress=callback)
+                keep.written(job)
         write_outputs(output, job, report)
         if not quiet:
             print_summary(job.report, output, report)

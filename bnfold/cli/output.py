@@ -101,6 +101,42 @@ def write_outputs(model_path: Path, job, report_path: Path | None) -> None:
             Path(tmp).unlink(missing_ok=True)
 
 
+class float_kept:
+    """With a path: the float model of a quantizing job is written there — on success, and when the
+    INT8 model is refused (the error then says where it is)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if self.path is None:
+            return False
+        model = getattr(exc, "float_model", None) if exc is not None else None
+        if model is not None:
+            write_model(self.path, model)
+            exc.message += f" (the float model was written to {self.path})"
+        return False
+
+    def written(self, job) -> None:
+        if self.path is not None and job.float_model is not None:
+            write_model(self.path, job.float_model)
+
+
+def write_model(path: Path, model) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", dir=Path(path).absolute().parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise InvalidOptions(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def print_summary(report: Report, output: Path, report_path: Path | None) -> None:
     totals = report.totals
     table = Table(title=f"BN statistics on {report.samples} samples ({totals['levels']} BN levels)")
@@ -114,6 +150,7 @@ def print_summary(report: Report, output: Path, report_path: Path | None) -> Non
         out.print(f"[yellow]warning:[/] {warning}", highlight=False)
     print_images(report)
     print_fold(report)
+    print_quantize(report)
     out.print(f"wrote {output}" + (f" and {report_path}" if report_path else "") + f" in {report.timings.get('total', 0):.2f} s")
 
 
@@ -124,6 +161,31 @@ def print_images(report: Report) -> None:
                   f"files ignored (preprocessing from {images['spec_origin']})", highlight=False)
         for entry in images["skipped"][:5]:
             out.print(f"[yellow]skipped[/] {escape(entry['name'])}: {escape(entry['reason'])}", highlight=False)
+
+
+def print_quantize(report: Report) -> None:
+    q = report.extra.get("quantize")
+    if not q:
+        return
+    size = q["size"]
+    out.print(f"INT8 ({q['method']}): {size['int8_bytes']:,} bytes, {100 * size['ratio']:.0f} % of the float model's "
+              f"{size['float_bytes']:,}; runs in INT8: {', '.join(q['ops']['int8'])}", highlight=False)
+    for o in q["gate"]["outputs"]:
+        figures = [f"top-1 agreement {o['top1']:.4f}"] if o.get("top1") is not None else []
+        if o["kind"] != "discrete":
+            figures.append(f"cosine {_figure(o['cosine'], '.5f')}, rel. max |Δ| {_figure(o['rel_max'], '.3g')}")
+        out.print(f"agreement with the float model on {q['gate']['samples']} samples, {o['name']}: {', '.join(figures)}",
+                  highlight=False)
+    for batch, t in q.get("latency", {}).items():
+        if t["speedup"]:
+            out.print(f"CPU latency {batch.replace('_', ' ')}: float {t['float_ms']:.3g} ms, INT8 {t['int8_ms']:.3g} ms "
+                      f"(speed-up {t['speedup']:.2f}×)", highlight=False)
+    for warning in q.get("warnings", []):
+        out.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
+def _figure(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)  # None: not finite (see bnfold.quantize.gate.to_dict)
 
 
 def print_fold(report: Report) -> None:

@@ -39,7 +39,15 @@ def recalibrate_remote(server: str, model: Path, samples: Path, options: JobOpti
                                   verify_samples=options.verify_samples, rtol=options.rtol, atol=options.atol,
                                   preprocess=options.preprocess,
                                   on_bad_image=None if options.on_bad_image == "fail" else options.on_bad_image,
-                                  progress=callback)
+                                  progress=callback, **_int8(options))
+
+
+def _int8(options: JobOptions) -> dict:
+    """The INT8 options, sent only when quantizing (older servers know none of them)."""
+    if not options.quantize:
+        return {}
+    return {"quantize": options.quantize, "quantize_method": options.quantize_method,
+            "min_agreement": options.min_agreement, "min_cosine": options.min_cosine}
 
 
 @jobs_app.command("list")

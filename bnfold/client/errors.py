@@ -42,6 +42,7 @@ CORE_TYPES: dict[str, type[BnfoldError]] = {
         "invalid-model": core.InvalidModel, "unsupported-model": core.UnsupportedModel,
         "no-batch-norm": core.NoBatchNorm, "invalid-samples": core.InvalidSamples,
         "invalid-options": core.InvalidOptions, "verification-failed": core.VerificationFailed,
+        "quantization-refused": core.QuantizationRefused,
     }.items()
 }
 

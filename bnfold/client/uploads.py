@@ -69,6 +69,10 @@ class SubmitOptions:
     atol: float | None = None
     preprocess: dict[str, Any] | None = None  # image samples only: fields overriding the model's spec
     on_bad_image: str | None = None  # image samples only: 'fail' or 'skip'
+    quantize: str | None = None  # 'int8': quantize the folded model, gated by agreement with it
+    quantize_method: str | None = None  # calibration: 'minmax', 'entropy' or 'percentile'
+    min_agreement: float | None = None  # INT8 gate: least top-1 agreement with the float model
+    min_cosine: float | None = None  # INT8 gate: least cosine similarity of every output
 
     def options_json(self) -> str:
         return json.dumps({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
