@@ -61,3 +61,8 @@ class VerificationFailed(BnfoldError):
     """The folded model does not match the unfolded one within tolerance; nothing is written. HTTP 422."""
 
     title = "Verification failed"
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """'1 sample', '2 samples', '0 samples' (`nouns`: an irregular plural). For the messages above."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"

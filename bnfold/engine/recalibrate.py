@@ -28,7 +28,7 @@ import bnfold.onnx_graph as og
 from bnfold.engine import plan as g
 from bnfold.engine.moments import Moments
 from bnfold.engine.store import TensorStore
-from bnfold.errors import InvalidOptions, UnsupportedModel
+from bnfold.errors import InvalidOptions, UnsupportedModel, plural
 from bnfold.inputs.arrays import Samples, iter_batches, model_inputs
 from bnfold.inputs.model import check_model
 from bnfold.report import RECOMMENDED_MIN_SAMPLES, LayerReport, Report, shift_score
@@ -286,7 +286,7 @@ def _result(work, batchnorms, plan, runner: _StageRunner, notes) -> Recalibratio
         low = int((moments.var < bn.epsilon).sum())
         if low:
             warnings.append(
-                f"{low} of {bn.channels} channels have variance below epsilon={bn.epsilon:g} on the new "
+                f"{low} of {plural(bn.channels, 'channel')} {'has' if low == 1 else 'have'} variance below epsilon={bn.epsilon:g} on the new "
                 "samples (dead or constant channels): their BN output is dominated by epsilon"
             )
         old_mean, old_var = constants[bn.mean].astype(np.float64), constants[bn.var].astype(np.float64)
@@ -301,7 +301,7 @@ def _result(work, batchnorms, plan, runner: _StageRunner, notes) -> Recalibratio
         )
     if runner.samples < RECOMMENDED_MIN_SAMPLES:
         notes.append(
-            f"only {runner.samples} samples: population statistics are noisy below about "
+            f"only {plural(runner.samples, 'sample')}: population statistics are noisy below about "
             f"{RECOMMENDED_MIN_SAMPLES} (PreciseBN recommends 10^3–10^4 samples)"
         )
     report = Report(samples=runner.samples, batches=runner.batches, layers=layers, timings=runner.timings, warnings=notes)
