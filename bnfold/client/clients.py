@@ -121,8 +121,12 @@ class _Base:
             return isinstance(exc, UNSENT) or (idempotent and isinstance(exc, httpx.TransportError))
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
-            log.warning("%s %s: %s; retry %d in %.1f s", method, path, _describe(state.outcome.exception()),
-                        state.attempt_number, state.upcoming_sleep)
+            reason = _describe(state.outcome.exception())
+            # `bnfold_retry`: the same facts as fields, for applications (the CLI) that word them their own way
+            facts = {"url": self.url, "method": method, "path": path, "reason": reason, "retry": state.attempt_number,
+                     "sleep_s": state.upcoming_sleep, "left_s": max(0.0, budget - (state.seconds_since_start or 0.0))}
+            log.warning("%s %s: %s; retry %d in %.1f s", method, path, reason, state.attempt_number,
+                        state.upcoming_sleep, extra={"bnfold_retry": facts})
 
         stop = tenacity.stop_before_delay(budget) if replayable else tenacity.stop_after_attempt(1)
         return dict(stop=stop, wait=wait, retry=tenacity.retry_if_exception(retryable), reraise=True,
