@@ -39,3 +39,17 @@ def test_home_and_caches_stay_out_of_the_data_volume():
     for name, service in _services().items():
         if service.get("image", "").startswith("bnfold"):
             assert "/tmp" in service.get("tmpfs", []), f"{name}: /tmp (HOME) is not a tmpfs"
+
+
+def test_every_check_of_the_ci_script_can_fail():
+    """docker/ci-test.sh --self-test: each check passes on a good state and fails on each single fault."""
+    import shutil
+    import subprocess
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    result = subprocess.run(["bash", str(ROOT / "docker" / "ci-test.sh"), "--self-test"], capture_output=True, text=True,
+                            timeout=120, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    cases = [line for line in result.stdout.splitlines() if line.startswith("ok  ")]
+    assert sum(line.startswith("ok  fail") for line in cases) >= 40 and "WRONG" not in result.stdout, result.stdout
