@@ -127,7 +127,7 @@ check_replica() {  # CID: a replica is a compose container on the shared data vo
 
 check_refuses_unwritable_data() {  # CID SECONDS: one error line, then still up SECONDS later, no restart; 78 on stop
     local logs errors restarts code
-    for _ in $(seq 1 60); do
+    for _ in $(seq 1 "${LOG_WAIT:-60}"); do  # until the error line appears (python starts in a few seconds)
         logs=$(podman logs "$1" 2>&1) || fail "podman logs ${1:0:12} failed"
         grep -q '^error: ' <<<"$logs" && break
         sleep 1
@@ -190,6 +190,7 @@ self_test() {  # each check passes on a good state and fails on each single faul
         return 1
     }
     COMPOSE=(compose_stand_in)
+    LOG_WAIT=1
     export BNFOLD_API_KEYS=self-test-key-0123456789
     run_case() {  # pass|fail FAULT CHECK ARGS...
         local want=$1 got; FAULT=$2; shift 2
