@@ -105,7 +105,10 @@ def check_data_dir(path) -> None:
             raise NotADirectoryError(20, "Not a directory", str(root))
         root.mkdir(parents=True, exist_ok=True)
         for directory in (root, *(d for d in (root / "jobs", root / "incoming") if d.is_dir())):
-            tempfile.TemporaryFile(dir=directory).close()
+            try:
+                tempfile.TemporaryFile(dir=directory).close()
+            except OSError as exc:  # name the directory, not the random file name tried in it
+                raise OSError(exc.errno, exc.strerror, str(directory)) from None
         for name in ("jobs.sqlite3", "jobs.sqlite3-wal", "jobs.sqlite3-shm"):
             if (root / name).exists() and not os.access(root / name, os.R_OK | os.W_OK):
                 raise PermissionError(13, "Permission denied", str(root / name))
