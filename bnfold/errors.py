@@ -71,3 +71,8 @@ class QuantizationRefused(BnfoldError):
 
     def __init__(self, message: str, *, field: str | None = "options.quantize"):
         super().__init__(message, field=field)
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """'1 sample', '2 samples', '0 samples' (`nouns`: an irregular plural). For the messages above."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"

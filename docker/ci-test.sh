@@ -9,14 +9,22 @@
 # imported and tagged as python:3.11-slim. All podman state (images, containers, volumes) lives
 # in a fresh scratch folder and is removed on exit, whatever happens.
 #
-# Stages: lint (hadolint, shellcheck) -> base image -> build -> inspect the image (user, port, volume,
-# healthcheck, no compiler or caches, exactly the pinned packages, C kernel) -> refuses to start
-# without API keys -> `docker run` quick start: /readyz, HEALTHCHECK, jobs submitted from the host
-# and their models verified against bnfold run locally, processes not root -> graceful stop,
-# new container on the same volume still has the job -> `docker compose up` quick start, jobs,
-# `docker compose down -v` -> `docker compose --profile replicas`: PostgreSQL (a CI stand-in built
-# here for postgres:16-bookworm, which cannot be pulled) and two replicas; a job submitted to one is
-# read and downloaded from the other; `down -v`.
+# Stages: lint (hadolint, shellcheck, `--self-test` of this script's checks) -> base image -> build
+# -> inspect the image (user, port, volume, healthcheck, HOME, no compiler or caches, exactly the
+# pinned packages, C kernel) -> refuses to start without API keys -> `docker run` quick start:
+# /readyz, HEALTHCHECK, jobs submitted from the host and their models verified against bnfold run
+# locally, processes not root, nothing but the service's files in /data -> graceful stop, new
+# container on the same volume still has the job -> a root-owned /data: one error line, no restart
+# loop, exit 78 -> `--cpus=1`: one job thread -> `docker compose up -d --build` quick start, jobs,
+# `down -v` -> `docker compose --profile replicas up -d --build postgres bnfold-a bnfold-b` (the
+# README's command, with bnfold:latest removed first, as on a fresh machine): PostgreSQL (a CI
+# stand-in built here for postgres:16-bookworm, which cannot be pulled) and two replicas, both
+# checked; a job submitted to one is read and downloaded from the other; `down -v`.
+#
+# Stand-ins (what is not what a Docker user runs): podman 4.3 + runc for the Docker engine,
+# podman-compose for `docker compose`, a debootstrap bookworm tagged python:3.11-slim, and the
+# PostgreSQL image above. `bash docker/ci-test.sh --self-test` (no root, no podman, a second) feeds
+# every check a broken state through stand-in podman/compose commands and expects it to fail.
 #
 # Env (optional): PYTHON  host interpreter with bnfold[client,images] (default: .venv/bin/python,
 #                         then python3; otherwise a scratch venv is made)
@@ -36,8 +44,6 @@ CA_BUNDLE=${CA_BUNDLE:-$(python3 -c 'import ssl; print(ssl.get_default_verify_pa
 # shellcheck disable=SC2016  # $(REPO_URI) is apt's template, not a shell expansion
 MIRROR=${MIRROR:-$(apt-get indextargets --format '$(REPO_URI)' 2>/dev/null | grep -m1 -i debian || true)}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
-OWN_WORK=0
-if [ -z "${WORK:-}" ]; then WORK=$(mktemp -d -t bnfold-ci.XXXXXX); OWN_WORK=1; fi
 VOLUME=bnfold-ci-data-$$
 CONTAINERS=()
 COMPOSE_UP=0
@@ -50,6 +56,172 @@ without_timer_noise() { "$@" 2> >(grep -v 'unable to get systemd connection' >&2
 podman() { without_timer_noise command podman "$@"; }
 stage() { STAGE=$*; printf '\n=== [+%3ss] %s\n' "$((SECONDS - STARTED))" "$*"; }
 fail() { echo "FAILED: $*" >&2; exit 1; }
+
+# ------------------------------------------------------------------------------------------ checks
+# Each check fails when what it checks is false, and also when it cannot look (podman top / exec /
+# compose failing, nothing listed): a check that cannot fail proves nothing. `--self-test` feeds
+# each one a broken state through stand-in podman / compose commands and expects it to fail.
+SERVICE_USERS='^(bnfold|10001) *$'
+
+check_users() {  # CID: every process in the container runs as uid 10001 (bnfold)
+    local listing users others
+    listing=$(podman top "$1" user) || fail "podman top ${1:0:12} failed: cannot check who runs the processes"
+    users=$(tail -n +2 <<<"$listing")
+    [ -n "$users" ] || fail "podman top ${1:0:12} listed no processes"
+    others=$(grep -Ev "$SERVICE_USERS" <<<"$users" || true)
+    [ -z "$others" ] || fail "a process of ${1:0:12} runs as another user: $(sort -u <<<"$others" | tr '\n' ' ')"
+    echo "$(wc -l <<<"$users") processes of ${1:0:12}: all uid 10001 (bnfold)"
+}
+
+check_exec_user() {  # CID: `exec` runs as uid 10001
+    local uid
+    uid=$(podman exec "$1" id -u) || fail "podman exec ${1:0:12} failed: cannot check the exec user"
+    [ "$uid" = 10001 ] || fail "exec user is $uid, not 10001"
+}
+
+check_code_read_only() {  # CID: the service user cannot write its own code
+    local answer
+    answer=$(podman exec "$1" sh -c '[ -d /opt/bnfold/bin ] || { echo "no /opt/bnfold/bin"; exit 0; }
+        if touch /opt/bnfold/x 2>/dev/null; then echo writable; else echo read-only; fi') \
+        || fail "podman exec ${1:0:12} failed: cannot check that /opt/bnfold is read-only"
+    [ "$answer" = read-only ] || fail "/opt/bnfold for the service user: $answer"
+    echo "/opt/bnfold is read-only to the service user"
+}
+
+check_data_volume() {  # CID: HOME and caches are not in /data; /data holds only the service's files
+    local home listing stray
+    home=$(podman exec "$1" sh -c 'echo "$HOME"') || fail "podman exec ${1:0:12} failed: cannot read HOME"
+    case "$home" in /data|/data/*|"") fail "HOME is '$home': caches would go to the data volume";; esac
+    listing=$(podman exec "$1" ls -A /data) || fail "podman exec ${1:0:12} failed: cannot list /data"
+    grep -qx jobs <<<"$listing" || fail "/data has no jobs/: is the service using another directory? ($listing)"
+    stray=$(grep -Evx 'jobs|incoming|jobs\.sqlite3(-wal|-shm|-journal)?' <<<"$listing" || true)
+    [ -z "$stray" ] || fail "/data holds files that are not the service's: $(tr '\n' ' ' <<<"$stray")"
+    echo "HOME=$home; /data holds only $(tr '\n' ' ' <<<"$listing")"
+}
+
+check_keys_required() {  # compose refuses a missing BNFOLD_API_KEYS, for that reason, and accepts it when set
+    local output
+    if output=$(unset BNFOLD_API_KEYS; "${COMPOSE[@]}" config 2>&1); then
+        fail "compose accepted a missing BNFOLD_API_KEYS"
+    fi
+    grep -q 'set BNFOLD_API_KEYS to one or more random keys' <<<"$output" \
+        || fail "compose config failed without BNFOLD_API_KEYS, but for another reason: $(tail -n 1 <<<"$output")"
+    "${COMPOSE[@]}" config >/dev/null || fail "compose config fails even with BNFOLD_API_KEYS set"
+    echo "compose refuses to run without BNFOLD_API_KEYS, and names it"
+}
+
+check_compose_container() {  # CID: what docker-compose.yml promises for a bnfold service
+    podman healthcheck run "$1" || fail "the compose healthcheck of ${1:0:12} reports unhealthy"
+    [ "$(podman inspect --format '{{.Config.Healthcheck.Test}}' "$1")" = "$(meta '{{.Config.Healthcheck.Test}}')" ] \
+        || fail "the healthcheck in docker-compose.yml differs from the image's"
+    [ "$(podman inspect --format '{{.HostConfig.ReadonlyRootfs}}' "$1")" = true ] || fail "compose: root file system not read-only"
+    check_users "$1"
+    echo "${1:0:12}: healthy, read-only root file system, healthcheck identical to the image's"
+}
+
+check_replica() {  # CID: a replica is a compose container on the shared data volume
+    check_compose_container "$1"
+    podman inspect --format '{{range .Mounts}}{{.Name}} {{end}}' "$1" | grep -q "bnfold-shared-data" \
+        || fail "replica ${1:0:12} does not mount the shared data volume"
+}
+
+check_refuses_unwritable_data() {  # CID SECONDS: one error line, then still up SECONDS later, no restart; 78 on stop
+    local logs errors restarts code
+    for _ in $(seq 1 "${LOG_WAIT:-60}"); do  # until the error line appears (python starts in a few seconds)
+        logs=$(podman logs "$1" 2>&1) || fail "podman logs ${1:0:12} failed"
+        grep -q '^error: ' <<<"$logs" && break
+        sleep 1
+    done
+    sleep "$2"
+    logs=$(podman logs "$1" 2>&1) || fail "podman logs ${1:0:12} failed"
+    errors=$(grep -c '^error: ' <<<"$logs" || true)
+    [ "$errors" = 1 ] || fail "expected one error line about /data, got $errors: $(tail -n 3 <<<"$logs")"
+    grep -q '^error: data directory /data .*not usable by uid 10001' <<<"$logs" || fail "the error does not name /data and uid 10001"
+    ! grep -q Traceback <<<"$logs" || fail "a traceback in the log"
+    [ "$(podman inspect --format '{{.State.Running}}' "$1")" = true ] || fail "the container exited: a restart policy would loop"
+    restarts=$(podman inspect --format '{{.RestartCount}}' "$1") || fail "podman inspect ${1:0:12} failed"
+    [ "$restarts" = 0 ] || fail "restarted $restarts times"
+    podman stop -t 20 "$1" >/dev/null || fail "podman stop ${1:0:12} failed"
+    code=$(podman inspect --format '{{.State.ExitCode}}' "$1") || fail "podman inspect ${1:0:12} failed"
+    [ "$code" = 78 ] || fail "exit status $code after docker stop, not 78"
+    echo "one line: $(grep '^error: ' <<<"$logs")"
+    echo "still running $2 s later, not restarted; exit status 78 on docker stop"
+}
+
+self_test() {  # each check passes on a good state and fails on each single fault it is there to catch
+    local failures=0 check faults fault
+    FAULT=
+    # shellcheck disable=SC2329  # called by the checks under test
+    pick() { if [ "$FAULT" = "$1" ]; then printf '%b\n' "$2"; else printf '%b\n' "$3"; fi; }  # FAULT BAD GOOD
+    # shellcheck disable=SC2329  # called by the checks under test
+    podman() {  # a stand-in podman: good answers, except the one named by $FAULT
+        [ "$FAULT" != "podman-$1-fails" ] || return 125
+        case "$1:$*" in
+            top:*) pick top-root 'USER\nbnfold\nroot' "$(pick top-empty 'USER' 'USER\nbnfold\n10001')";;
+            exec:*"id -u"*) pick uid-0 0 10001;;
+            exec:*HOME*) pick home-data /data /tmp;;
+            exec:*"ls -A /data"*) pick data-cache '.cache\njobs\njobs.sqlite3' "$(pick data-other 'incoming\nmodels' 'incoming\njobs\njobs.sqlite3')";;
+            exec:*) pick code-writable writable "$(pick code-missing 'no /opt/bnfold/bin' read-only)";;
+            healthcheck:*) [ "$FAULT" != unhealthy ];;
+            inspect:*Healthcheck*) pick healthcheck-differs 'CMD-SHELL true' CMD;;
+            inspect:*Readonly*) pick writable-root false true;;
+            inspect:*Mounts*) pick no-shared-volume 'x_bnfold-data' 'x_bnfold-shared-data';;
+            inspect:*Running*) pick exited false true;;
+            inspect:*RestartCount*) pick restarted 3 0;;
+            inspect:*ExitCode*) pick exit-1 1 78;;
+            logs:*) pick traceback 'Traceback (most recent call last):\nPermissionError: /data/jobs' \
+                        "$(pick two-errors 'error: data directory /data (BNFOLD_DATA_DIR) is not usable by uid 10001\nerror: again' \
+                           "$(pick other-error 'error: something else' \
+                              'error: data directory /data (BNFOLD_DATA_DIR) is not usable by uid 10001: Permission denied')")";;
+            stop:*) [ "$FAULT" != stop-fails ];;
+        esac
+    }
+    # shellcheck disable=SC2329  # called by the checks under test
+    meta() { echo CMD; }
+    # shellcheck disable=SC2329  # called by the checks under test
+    compose_stand_in() {  # `config`, as podman-compose answers it
+        case "$FAULT" in
+            accepts-missing-key) return 0;;
+            no-podman) echo "CRITICAL: It seems that you either do not have podman installed" >&2; return 1;;
+            config-fails) return 1;;
+        esac
+        [ -n "${BNFOLD_API_KEYS:-}" ] && return 0
+        echo "ValueError: required variable BNFOLD_API_KEYS is missing a value: set BNFOLD_API_KEYS to one or more random keys" >&2
+        return 1
+    }
+    COMPOSE=(compose_stand_in)
+    LOG_WAIT=1
+    export BNFOLD_API_KEYS=self-test-key-0123456789
+    run_case() {  # pass|fail FAULT CHECK ARGS...
+        local want=$1 got; FAULT=$2; shift 2
+        if (set -e; "$@") >/dev/null 2>&1; then got=pass; else got=fail; fi
+        if [ "$got" = "$want" ]; then echo "ok  $want on ${FAULT:-a good state}: $1"
+        else echo "WRONG: $got on ${FAULT:-a good state} (want $want): $1"; failures=$((failures + 1)); fi
+    }
+    local compose_faults="unhealthy healthcheck-differs writable-root podman-healthcheck-fails podman-inspect-fails top-root top-empty podman-top-fails"
+    for check in check_users check_exec_user check_code_read_only check_data_volume check_keys_required \
+                 check_compose_container check_replica check_refuses_unwritable_data; do
+        case "$check" in
+            check_users) faults="top-root top-empty podman-top-fails";;
+            check_exec_user) faults="uid-0 podman-exec-fails";;
+            check_code_read_only) faults="code-writable code-missing podman-exec-fails";;
+            check_data_volume) faults="home-data data-cache data-other podman-exec-fails";;
+            check_keys_required) faults="accepts-missing-key no-podman config-fails";;
+            check_compose_container) faults=$compose_faults;;
+            check_replica) faults="$compose_faults no-shared-volume";;
+            check_refuses_unwritable_data) faults="traceback two-errors other-error exited restarted exit-1 stop-fails podman-logs-fails podman-inspect-fails";;
+        esac
+        run_case pass "" "$check" cid 0
+        for fault in $faults; do run_case fail "$fault" "$check" cid 0; done
+    done
+    unset -f podman meta
+    [ "$failures" = 0 ] || fail "self-test: $failures case(s) wrong"
+    echo "self-test: every check passes on a good state and fails on each fault above"
+}
+
+if [ "${1:-}" = --self-test ]; then self_test; exit 0; fi
+OWN_WORK=0
+if [ -z "${WORK:-}" ]; then WORK=$(mktemp -d -t bnfold-ci.XXXXXX); OWN_WORK=1; fi
 
 cleanup() {
     local rc=$?
@@ -139,10 +311,11 @@ fi
 "$PY" -c "$HOST_DEPS; print('host python:', bnfold.__file__, 'onnxruntime', onnxruntime.__version__)"
 
 # ------------------------------------------------------------------------------------------- lint
-stage "lint: hadolint docker/Dockerfile, shellcheck docker/ci-test.sh"
+stage "lint: hadolint docker/Dockerfile, shellcheck docker/ci-test.sh; self-test of this script's checks"
 "$WORK/tools/bin/hadolint" docker/Dockerfile
 "$WORK/tools/bin/shellcheck" docker/ci-test.sh
 echo "no findings"
+bash docker/ci-test.sh --self-test | tail -n 1
 
 # ------------------------------------------------------------------------------------- base image
 stage "base image: debootstrap bookworm, tagged $BASE_ALIASES"
@@ -180,7 +353,8 @@ CA_IN=$(podman run --rm --pull=never "$BASE_IMAGE" python3 -c \
     'import os, ssl; print(os.path.realpath(ssl.get_default_verify_paths().openssl_cafile))')
 podman build --pull=never --format docker -v "$(readlink -f "$CA_BUNDLE"):$CA_IN:ro" \
     -f docker/Dockerfile -t "$IMAGE" .
-podman tag "$IMAGE" localhost/bnfold:latest  # the name docker-compose.yml uses
+# The same flags for the builds that podman-compose runs (`up --build`), as the stand-in for Docker's.
+BUILD_FLAGS="--pull=never --format docker -v $(readlink -f "$CA_BUNDLE"):$CA_IN:ro"
 
 # ---------------------------------------------------------------------------------------- inspect
 stage "inspect: metadata, size, no compiler or caches, pinned packages, C kernel"
@@ -190,8 +364,9 @@ case "$USER_" in ""|0|0:*|root|root:*) fail "image runs as root (User='$USER_')"
 meta '{{.Config.ExposedPorts}}' | grep -q '8000/tcp' || fail "port 8000 is not exposed"
 meta '{{.Config.Volumes}}' | grep -q '/data' || fail "/data is not a volume"
 meta '{{.Config.Healthcheck.Test}}' | grep -q '/readyz' || fail "no HEALTHCHECK against /readyz"
-[ "$(meta '{{join .Config.Entrypoint " "}}')" = "bnfold serve --host 0.0.0.0 --port 8000" ] || fail "entry point"
+[ "$(meta '{{join .Config.Entrypoint " "}}')" = "bnfold serve --host 0.0.0.0 --port 8000 --on-data-error wait" ] || fail "entry point"
 meta '{{.Config.Env}}' | grep -q 'BNFOLD_DATA_DIR=/data' || fail "BNFOLD_DATA_DIR"
+meta '{{.Config.Env}}' | grep -q 'HOME=/tmp ' || fail "HOME is not /tmp: caches would go to the data volume"
 SIZE=$(meta '{{.Size}}'); BASE_SIZE=$(podman image inspect --format '{{.Size}}' "$BASE_IMAGE")
 echo "user $USER_, image $((SIZE / 1000000)) MB (base $((BASE_SIZE / 1000000)) MB + $(((SIZE - BASE_SIZE) / 1000000)) MB)"
 podman run --rm --pull=never --entrypoint sh "$IMAGE" -c '
@@ -381,12 +556,12 @@ PY
 jobs() { "$PY" -c "$JOBS_PY" "$1" "$REPO" "$2" "$BNFOLD_API_KEYS" "$WORK/job-$3.json"; }
 jobs submit "$URL" run
 
-stage "non-root: every process in the container"
+stage "non-root: every process in the container; HOME and caches outside /data"
 podman top "$CID" user huser pid args
-podman top "$CID" user | tail -n +2 | grep -Eqv '^(bnfold|10001) *$' && fail "a process runs as another user"
-[ "$(podman exec "$CID" id -u)" = 10001 ] || fail "exec user is not 10001"
-podman exec "$CID" sh -c 'touch /opt/bnfold/x 2>/dev/null' && fail "the service user can write its own code"
-echo "all processes run as uid 10001 (bnfold); /opt/bnfold is read-only to it"
+check_users "$CID"
+check_exec_user "$CID"
+check_code_read_only "$CID"
+check_data_volume "$CID"
 
 stage "restart: graceful stop; a new container on the same volume keeps the job"
 T0=$SECONDS
@@ -402,26 +577,47 @@ jobs persisted "$URL" run
 podman rm -f -t 10 "$CID" >/dev/null
 podman volume rm "$VOLUME" >/dev/null
 
+stage "a /data that uid 10001 cannot write: one line, no restart loop (restart unless-stopped), exit 78"
+# A bind mount owned by root (0755), as a host directory nobody chown'ed: the README's one fix.
+install -d -m 0755 -o root -g root "$WORK/root-owned-data"
+CID=$(podman run -d --pull=never --init --restart unless-stopped -e BNFOLD_API_KEYS -v "$WORK/root-owned-data:/data" "$IMAGE")
+CONTAINERS+=("$CID")
+check_refuses_unwritable_data "$CID" 10
+[ -z "$(ls -A "$WORK/root-owned-data")" ] || fail "something was written to the unwritable data directory"
+podman rm -f -t 5 "$CID" >/dev/null
+
+stage "CPU quota: --cpus=1 gives one thread per job, whatever the cores"
+# Docker's --cpus, compose's cpus: and Kubernetes' limits.cpu set a CFS quota; the affinity still shows every core.
+CPUS=$(podman run --rm --pull=never --cpus=1 -e BNFOLD_WORKERS=1 --entrypoint python "$IMAGE" -c '
+from service.core import cpu
+from service.core.config import Settings
+print(cpu.affinity_cpus(), cpu.quota_cpus(), Settings().resolved_job_threads)')
+read -r AFFINITY QUOTA THREADS <<<"$CPUS"
+echo "in the container: affinity $AFFINITY cores, quota $QUOTA CPUs, job threads $THREADS (BNFOLD_WORKERS=1)"
+[ "$QUOTA" = 1.0 ] || fail "the cgroup CPU quota of --cpus=1 was not found (read $QUOTA)"
+[ "$THREADS" = 1 ] || fail "job threads $THREADS with a quota of 1 CPU"
+[ "$AFFINITY" -gt 1 ] || echo "note: this machine has 1 core, so the affinity alone would also give 1 thread"
+
 # ------------------------------------------------------------------------------ docker compose
-stage "docker compose up (podman-compose $PODMAN_COMPOSE_VERSION): healthy, jobs, down -v"
-COMPOSE=(without_timer_noise "$WORK/tools/bin/podman-compose" -p "bnfold-ci-$$")
+# The README's commands, run by podman-compose (the stand-in for `docker compose`): it builds with
+# podman, given the flags of the build above (--format docker keeps HEALTHCHECK; the host's CA bundle).
+stage "docker compose up -d --build (podman-compose $PODMAN_COMPOSE_VERSION): builds bnfold:latest, healthy, jobs, down -v"
+COMPOSE=(without_timer_noise "$WORK/tools/bin/podman-compose" --podman-build-args "$BUILD_FLAGS" -p "bnfold-ci-$$")
 BNFOLD_HOST_PORT=$(free_port)
 export BNFOLD_HOST_PORT
-(unset BNFOLD_API_KEYS; "${COMPOSE[@]}" config >/dev/null 2>&1) && fail "compose accepted a missing BNFOLD_API_KEYS"
+check_keys_required
+! podman image exists localhost/bnfold:latest || fail "bnfold:latest exists before compose built it"
 COMPOSE_UP=1
-"${COMPOSE[@]}" up -d --no-build
+"${COMPOSE[@]}" up -d --build
+podman image exists localhost/bnfold:latest || fail "compose up --build did not build bnfold:latest"
 CID=$(podman ps -q --filter "label=com.docker.compose.project=bnfold-ci-$$")
 [ -n "$CID" ] || fail "compose started no container"
 CONTAINERS+=("$CID")
 wait_ready "http://127.0.0.1:$BNFOLD_HOST_PORT" "$CID"
-podman healthcheck run "$CID" || fail "the compose healthcheck reports unhealthy"
-echo "compose healthcheck: healthy"
-[ "$(podman inspect --format '{{.Config.Healthcheck.Test}}' "$CID")" = "$(meta '{{.Config.Healthcheck.Test}}')" ] \
-    || fail "the healthcheck in docker-compose.yml differs from the image's"
-[ "$(podman inspect --format '{{.HostConfig.ReadonlyRootfs}}' "$CID")" = true ] || fail "compose: root file system not read-only"
-echo "read-only root file system; healthcheck identical to the image's"
+check_compose_container "$CID"
 jobs submit "http://127.0.0.1:$BNFOLD_HOST_PORT" compose
-podman top "$CID" user | tail -n +2 | grep -Eqv '^(bnfold|10001) *$' && fail "a process runs as another user"
+check_users "$CID"
+check_data_volume "$CID"
 "${COMPOSE[@]}" down -v -t 30
 COMPOSE_UP=0
 
@@ -491,25 +687,26 @@ export BNFOLD_DB_PASSWORD BNFOLD_A_HOST_PORT BNFOLD_B_HOST_PORT
 COMPOSE_UP=1
 # podman 4.3 has no `podman wait --condition=healthy`, so podman-compose skips `condition:
 # service_healthy` (Docker honours it): start PostgreSQL, run its healthcheck until healthy, then the replicas.
-"${REPLICAS[@]}" up -d --no-build postgres
+# As on a fresh machine: no bnfold:latest, so the replicas must build it (the layers are cached).
+podman rmi localhost/bnfold:latest >/dev/null
+"${REPLICAS[@]}" up -d --build postgres
 PG_CID=$(podman ps -q --filter "label=com.docker.compose.project=bnfold-ci-$$" --filter "label=com.docker.compose.service=postgres")
 [ -n "$PG_CID" ] || fail "compose started no postgres container"
 CONTAINERS+=("$PG_CID")
 for _ in $(seq 1 60); do podman healthcheck run "$PG_CID" >/dev/null 2>&1 && break; sleep 1; done
 podman healthcheck run "$PG_CID" >/dev/null || fail "postgres: pg_isready never succeeded"
 echo "postgres healthy (pg_isready)"
-"${REPLICAS[@]}" up -d --no-build bnfold-a bnfold-b
+# The README's command, word for word (postgres is already up and unchanged, so it is kept).
+"${REPLICAS[@]}" up -d --build postgres bnfold-a bnfold-b
+podman image exists localhost/bnfold:latest || fail "compose --profile replicas up --build did not build bnfold:latest"
 replica() { podman ps -q --filter "label=com.docker.compose.project=bnfold-ci-$$" --filter "label=com.docker.compose.service=$1"; }
-CID_A=$(replica bnfold-a); CID_B=$(replica bnfold-b)
+CID_A=$(replica bnfold-a); CID_B=$(replica bnfold-b); SINGLE=$(replica bnfold)
 [ -n "$CID_A" ] && [ -n "$CID_B" ] || fail "compose did not start both replicas"
 CONTAINERS+=("$CID_A" "$CID_B")
-[ -z "$(replica bnfold)" ] || fail "naming the replicas also started the single-server service"
+[ -z "$SINGLE" ] || fail "naming the replicas also started the single-server service"
 wait_ready "http://127.0.0.1:$BNFOLD_A_HOST_PORT" "$CID_A"
 wait_ready "http://127.0.0.1:$BNFOLD_B_HOST_PORT" "$CID_B"
-for cid in "$CID_A" "$CID_B"; do
-    podman inspect --format '{{range .Mounts}}{{.Name}} {{end}}' "$cid" | grep -q "bnfold-shared-data" \
-        || fail "replica ${cid:0:12} does not mount the shared data volume"
-done
+for cid in "$CID_A" "$CID_B"; do check_replica "$cid"; done
 "$PY" - "$REPO" "http://127.0.0.1:$BNFOLD_A_HOST_PORT" "http://127.0.0.1:$BNFOLD_B_HOST_PORT" "$BNFOLD_API_KEYS" <<'PY'
 """A job submitted to replica A, read and downloaded from replica B: same job, same bytes and ETag."""
 import hashlib
@@ -541,7 +738,7 @@ assert etags[0] and etags[0] == etags[1], etags
 print(f"  job {job.id}: submitted to A, read and downloaded from B; same {len(content)} bytes "
       f"(sha256 {hashlib.sha256(content).hexdigest()[:12]}…), same ETag {etags[0]}")
 PY
-podman top "$CID_A" user | tail -n +2 | grep -Eqv '^(bnfold|10001) *$' && fail "a process runs as another user"
+for cid in "$CID_A" "$CID_B"; do check_users "$cid"; check_data_volume "$cid"; done
 "${REPLICAS[@]}" down -v -t 30
 COMPOSE_UP=0
 

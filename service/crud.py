@@ -19,6 +19,8 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from bnfold.errors import plural
+
 from .db import ACTIVE, STATES, JobRow, utcnow
 from .errors import InvalidRequest, NotFound, QueueFull
 
@@ -45,7 +47,7 @@ def admit_job(session: Session, row: JobRow, max_queued: int, workers: int) -> J
 def check_capacity(session: Session, max_queued: int, workers: int) -> None:
     queued = session.scalar(select(func.count()).select_from(JobRow).where(JobRow.state == "queued")) or 0
     if queued >= max_queued:
-        raise QueueFull(f"{queued} jobs are waiting for a worker (limit {max_queued}); retry later",
+        raise QueueFull(f"{plural(queued, 'job')} {'is' if queued == 1 else 'are'} waiting for a worker (limit {max_queued}); retry later",
                         retry_after=retry_after(session, queued, workers))
 
 

@@ -9,8 +9,10 @@ supervisor come up in the app's lifespan (so generating the OpenAPI file touches
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import sys
+import tempfile
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
@@ -85,18 +87,51 @@ def _openapi(app: FastAPI) -> dict:
     return app.openapi_schema
 
 
+class DataDirError(ConfigError):
+    """BNFOLD_DATA_DIR cannot be used by this user (not writable, not a directory); checked before serving."""
+
+
+def check_data_dir(path) -> None:
+    """Raise DataDirError, one line naming the directory and the uid, unless this process can create
+    `path` and write in it and in the entries it already holds (a volume left by a root container)."""
+    from pathlib import Path
+
+    root = Path(path).absolute()
+    uid = f"uid {os.getuid()}" if hasattr(os, "getuid") else "this user"
+    fix = f"give {uid} a directory it can write (e.g. chown -R {os.getuid()}:{os.getgid()} the volume or bind mount)" \
+        if hasattr(os, "getuid") else "give this user a directory it can write"
+    try:
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(root))
+        root.mkdir(parents=True, exist_ok=True)
+        for directory in (root, *(d for d in (root / "jobs", root / "incoming") if d.is_dir())):
+            try:
+                tempfile.TemporaryFile(dir=directory).close()
+            except OSError as exc:  # name the directory, not the random file name tried in it
+                raise OSError(exc.errno, exc.strerror, str(directory)) from None
+        for name in ("jobs.sqlite3", "jobs.sqlite3-wal", "jobs.sqlite3-shm"):
+            if (root / name).exists() and not os.access(root / name, os.R_OK | os.W_OK):
+                raise PermissionError(13, "Permission denied", str(root / name))
+    except OSError as exc:
+        where = exc.filename or root
+        raise DataDirError(f"data directory {root} (BNFOLD_DATA_DIR) is not usable by {uid}: "
+                           f"{exc.strerror or exc}: {where}; {fix}") from None
+
+
 def serve(host: str = "127.0.0.1", port: int = 8000, settings: Settings | None = None) -> None:
     """Run the service under uvicorn. Without BNFOLD_API_KEYS: refuse unless `host` is loopback, in
-    which case one random key is generated for this run and printed once on stdout."""
+    which case one random key is generated for this run and printed once on stdout. A data directory
+    this user cannot write raises DataDirError before anything starts."""
     import uvicorn
 
     settings = settings or Settings()
+    if not settings.api_keys and not is_loopback(host):
+        raise ConfigError(
+            f"refusing to serve on {host} without API keys: set BNFOLD_API_KEYS=<key>[,<key>…] "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'), or bind to 127.0.0.1"
+        )
+    check_data_dir(settings.data_dir)
     if not settings.api_keys:
-        if not is_loopback(host):
-            raise ConfigError(
-                f"refusing to serve on {host} without API keys: set BNFOLD_API_KEYS=<key>[,<key>…] "
-                "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'), or bind to 127.0.0.1"
-            )
         key = secrets.token_urlsafe(32)
         settings = settings.model_copy(update={"api_keys": [SecretStr(key)]})
         print(f"bnfold: BNFOLD_API_KEYS is not set; this run (loopback only) accepts the generated key:\n"

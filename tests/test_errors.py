@@ -497,3 +497,10 @@ def test_constant_node_bn_parameters(style):
     plain = bnfold.recalibrate(reference_model, samples, batch_size=5).model
     run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": samples["x"][:3]})[0]
     np.testing.assert_allclose(run(result.model), run(plain), rtol=1e-6, atol=1e-6)
+
+
+def test_plural():
+    from bnfold.errors import plural
+
+    assert [plural(n, "sample") for n in (0, 1, 2)] == ["0 samples", "1 sample", "2 samples"]
+    assert plural(1, "BN level") == "1 BN level" and plural(3, "index", "indices") == "3 indices"

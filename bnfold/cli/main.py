@@ -176,11 +176,18 @@ def demo_command(
 def serve_command(
     host: Annotated[str, typer.Option(help="Address to bind; without BNFOLD_API_KEYS only loopback is allowed.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+    on_data_error: Annotated[str, typer.Option(
+        "--on-data-error", help="When BNFOLD_DATA_DIR is not writable: 'exit' (status 78), or 'wait': say so once, "
+                                "then wait for SIGTERM and exit 78 (the image does, so a restart policy does not loop).",
+    )] = "exit",
 ) -> None:
     """Run the HTTP jobs API (needs the 'service' extra). Configured by BNFOLD_* variables; see service/README.md."""
+    if on_data_error not in ("exit", "wait"):
+        err.print(f"[bold red]error:[/] --on-data-error must be 'exit' or 'wait', not {on_data_error!r}", highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
     try:
         from service.core.config import ConfigError
-        from service.main import serve
+        from service.main import DataDirError, serve
     except ImportError as exc:
         err.print(f"[bold red]error:[/] cannot start the service ({exc}); install it with: pip install 'bnfold\\[service]'",
                   highlight=False)
@@ -189,7 +196,29 @@ def serve_command(
 
     try:
         serve(host, port)
+    except DataDirError as exc:
+        from rich.markup import escape
+
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        if on_data_error == "wait":
+            _wait_for_stop()
+        raise typer.Exit(EXIT_DATA_DIR)
     except (ConfigError, ValidationError) as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT)
 
+
+
+EXIT_DATA_DIR = 78  # EX_CONFIG: the data directory cannot be used; distinct from bad options (1)
+
+
+def _wait_for_stop() -> None:
+    """Block until SIGTERM or SIGINT. Why: under a restart policy (compose `restart: unless-stopped`),
+    exiting would restart the container into the same error forever; waiting leaves one error line
+    in the log and a container that its healthcheck reports unhealthy until someone fixes the volume."""
+    import signal
+
+    err.print("waiting for SIGTERM (docker stop) so that a restart policy does not repeat this", highlight=False)
+    stops = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    signal.sigwait(stops)

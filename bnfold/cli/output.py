@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bnfold.errors import BnfoldError, InvalidOptions
+from bnfold.errors import BnfoldError, InvalidOptions, plural
 from bnfold.report import Report
 
 err = Console(stderr=True, soft_wrap=True)
@@ -71,34 +71,82 @@ class progress_bar:
 
 
 def check_writable(*paths: Path | None) -> None:
-    """Fail before the work, not after it, when an output cannot be written."""
+    """Fail before the work, not after it, when an output cannot be written: its directory is missing
+    or not writable, the path is a directory, or two outputs are the same file (the second would
+    replace the first). Outputs are renamed into place, so only the directory needs to be writable."""
+    seen: dict[Path, Path] = {}
     for path in paths:
-        if path is not None and not Path(path).absolute().parent.is_dir():
-            raise InvalidOptions(f"cannot write {path}: directory {Path(path).absolute().parent} does not exist")
+        if path is None:
+            continue
+        target = Path(path).absolute()
+        if not target.parent.is_dir():
+            raise InvalidOptions(f"cannot write {path}: directory {target.parent} does not exist")
+        if target.is_dir():
+            raise InvalidOptions(f"cannot write {path}: it is a directory; give a file name")
+        if not os.access(target.parent, os.W_OK | os.X_OK):
+            raise InvalidOptions(f"cannot write {path}: directory {target.parent} is not writable")
+        same = seen.get(target.resolve())
+        if same is not None:
+            raise InvalidOptions(f"cannot write {path}: it is the same file as {same}; give each output its own path")
+        seen[target.resolve()] = Path(path)
 
 
 def write_outputs(model_path: Path, job, report_path: Path | None) -> None:
-    """Write model and report to temporary files, then rename both: all or nothing."""
-    pending = [(model_path, job.model.SerializeToString())]
+    """Write model and report all or nothing: each goes to a temporary file next to its target, then
+    both are renamed into place; if a rename fails, the targets already replaced get their previous
+    contents back (kept as hard links until both are in place)."""
+    pending = [(Path(model_path), job.model.SerializeToString())]
     if report_path is not None:
-        pending.append((report_path, job.report.to_json().encode()))
-    temps = []
-    current = model_path
+        pending.append((Path(report_path), job.report.to_json().encode()))
+    check_writable(*(path for path, _ in pending))
+    temps: list[str] = []
+    placed: list[tuple[Path, str | None]] = []  # (target, hard link to its previous contents)
+    current = pending[0][0]
     try:
         for path, data in pending:
             current = path
-            fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", dir=Path(path).absolute().parent)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.absolute().parent)
             temps.append(tmp)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
         for (path, _), tmp in zip(pending, temps):
             current = path
+            previous = _keep_previous(path)
+            placed.append((path, previous))
             os.replace(tmp, path)
     except OSError as exc:
+        _restore(placed)
         raise InvalidOptions(f"cannot write {current}: {exc.strerror or exc}") from None
     finally:
         for tmp in temps:
             Path(tmp).unlink(missing_ok=True)
+        for _, previous in placed:
+            if previous is not None:
+                Path(previous).unlink(missing_ok=True)
+
+
+def _keep_previous(path: Path) -> str | None:
+    """A hard link to the file at `path` (None if there is none), to put back if the run fails."""
+    if not path.is_file():
+        return None
+    link = path.absolute().parent / f".{path.name}.{os.getpid()}.previous"
+    try:
+        link.unlink(missing_ok=True)
+        os.link(path, link)
+    except OSError:  # a file system without hard links: replaced without a way back
+        return None
+    return str(link)
+
+
+def _restore(placed: list[tuple[Path, str | None]]) -> None:
+    for path, previous in reversed(placed):
+        try:
+            if previous is not None:
+                os.replace(previous, path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError:
+            pass  # the error being reported is the first one
 
 
 class float_kept:
@@ -139,7 +187,7 @@ def write_model(path: Path, model) -> None:
 
 def print_summary(report: Report, output: Path, report_path: Path | None) -> None:
     totals = report.totals
-    table = Table(title=f"BN statistics on {report.samples} samples ({totals['levels']} BN levels)")
+    table = Table(title=f"BN statistics on {plural(report.samples, 'sample')} ({plural(totals['levels'], 'BN level')})")
     for column in ("BN node", "level", "channels", "mean shift (σ)", "max shift (σ)", "KL (nats)"):
         table.add_column(column, justify="left" if column == "BN node" else "right")
     for layer in report.layers:
@@ -157,8 +205,9 @@ def print_summary(report: Report, output: Path, report_path: Path | None) -> Non
 def print_images(report: Report) -> None:
     images = report.extra.get("images")
     if images:
-        out.print(f"images: {images['used']} used, {images['skipped_count']} skipped, {images['ignored_count']} other "
-                  f"files ignored (preprocessing from {images['spec_origin']})", highlight=False)
+        out.print(f"images: {images['used']} used, {images['skipped_count']} skipped, "
+                  f"{plural(images['ignored_count'], 'other file')} ignored (preprocessing from {images['spec_origin']})",
+                  highlight=False)
         for entry in images["skipped"][:5]:
             out.print(f"[yellow]skipped[/] {escape(entry['name'])}: {escape(entry['reason'])}", highlight=False)
 

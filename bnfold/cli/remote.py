@@ -141,12 +141,23 @@ def _client(server: str | None) -> Client:
 
 
 class _WarningLines(logging.Handler):
-    """The SDK's log records as "warning: …" lines on stderr, like the local command's warnings."""
+    """The SDK's log records as "warning: …" lines on stderr, like the local command's warnings. The
+    first retry of a request says plainly that the server is unreachable (or busy) and for how long
+    the CLI keeps trying, so a silent wait never looks like a hang."""
 
     def emit(self, record: logging.LogRecord) -> None:
         from rich.markup import escape
 
-        err.print(f"[yellow]warning:[/] {escape(record.getMessage())}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(retry_line(record))}", highlight=False)
+
+
+def retry_line(record: logging.LogRecord) -> str:
+    facts = getattr(record, "bnfold_retry", None)
+    if not facts or facts["retry"] != 1:
+        return record.getMessage()
+    busy = facts["reason"].startswith("HTTP ")
+    what = f"{facts['url']} is busy" if busy else f"cannot reach {facts['url']}"
+    return f"{what} ({facts['reason']}): retrying for up to {facts['left_s']:.0f} s"
 
 
 def _seconds(value: float | None) -> str:

@@ -213,7 +213,8 @@ class _Api:
         pauses: list[float] = []  # tenacity's sleeps, carried out by the client as Pause steps
         attempts = 0
         try:
-            for attempt in retrying(method, path, budget=budget, replayable=replayable, sleep=pauses.append):
+            for attempt in retrying(method, path, budget=budget, replayable=replayable, sleep=pauses.append,
+                                    url=self.url):
                 if pauses:
                     yield Pause(pauses.pop())
                 with attempt, _opened(files) as body:

@@ -36,9 +36,10 @@ class RetryableAnswer(Exception):
 
 
 def retrying(method: str, path: str, *, budget: float, replayable: bool,
-             sleep: Callable[[float], Any]) -> tenacity.Retrying:
-    """The tenacity loop for one request; ``budget``: seconds it may keep retrying; ``sleep``
-    receives each pause (the clients carry it out as a step, see `bnfold.client.protocol`)."""
+             sleep: Callable[[float], Any], url: str = "") -> tenacity.Retrying:
+    """The tenacity loop for one request to ``url`` + ``path``; ``budget``: seconds it may keep
+    retrying; ``sleep`` receives each pause (the clients carry it out as a step, see
+    `bnfold.client.protocol`)."""
     backoff = tenacity.wait_exponential(multiplier=0.25, max=4.0) + tenacity.wait_random(0, 0.25)
     idempotent = method == "GET"
 
@@ -54,8 +55,12 @@ def retrying(method: str, path: str, *, budget: float, replayable: bool,
         return isinstance(exc, UNSENT) or (idempotent and isinstance(exc, httpx.TransportError))
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
-        log.warning("%s %s: %s; retry %d in %.1f s", method, path, describe(state.outcome.exception()),
-                    state.attempt_number, state.upcoming_sleep)
+        reason = describe(state.outcome.exception())
+        # `bnfold_retry`: the same facts as fields, for applications (the CLI) that word them their own way
+        facts = {"url": url, "method": method, "path": path, "reason": reason, "retry": state.attempt_number,
+                 "sleep_s": state.upcoming_sleep, "left_s": max(0.0, budget - (state.seconds_since_start or 0.0))}
+        log.warning("%s %s: %s; retry %d in %.1f s", method, path, reason, state.attempt_number,
+                    state.upcoming_sleep, extra={"bnfold_retry": facts})
 
     stop = tenacity.stop_before_delay(budget) if replayable else tenacity.stop_after_attempt(1)
     return tenacity.Retrying(stop=stop, wait=wait, retry=tenacity.retry_if_exception(retryable), reraise=True,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -28,7 +28,7 @@ import bnfold.onnx_graph as og
 from bnfold.engine import plan as g
 from bnfold.engine.moments import Moments
 from bnfold.engine.store import TensorStore
-from bnfold.errors import InvalidOptions, UnsupportedModel
+from bnfold.errors import InvalidOptions, UnsupportedModel, plural
 from bnfold.inputs.arrays import Samples, iter_batches, model_inputs
 from bnfold.inputs.model import check_model
 from bnfold.report import RECOMMENDED_MIN_SAMPLES, LayerReport, Report, shift_score
@@ -78,6 +78,7 @@ def recalibrate(
     notes += _subgraph_batchnorm_notes(work)
     plan = g.plan_stages(work, batchnorms)
     runner = _StageRunner(work, plan, providers, threads, progress)
+    runner.expected_samples = _expected_samples(samples)
     with TensorStore(memory_budget, spill_dir) as store:
         batches = iter_batches(samples, model_inputs(work), batch_size)
         runner.run(batches, store, batchnorms)
@@ -105,6 +106,7 @@ class _StageRunner:
         self.types: dict[str, tuple[int, int]] = {}  # tensor -> (onnx elem type, rank)
         self.samples = 0
         self.batches = 0
+        self.expected_samples: int | None = None  # known up front for arrays: progress within stage 0
         self.timings: dict[str, float] = {"onnxruntime": 0.0, "statistics": 0.0, "store": 0.0}
 
     def run(self, batches, store: TensorStore, batchnorms: list[g.BatchNorm]) -> None:
@@ -114,7 +116,7 @@ class _StageRunner:
             for b, feeds in enumerate(self._feeds(s, batches, store)):
                 session = session or self._session(s, feeds)
                 self._step(s, b, session, feeds, store)
-                self.progress(f"BN level {s + 1}/{self.plan.num_stages}", self._fraction(s, b))
+                self.progress(self._description(s), self._fraction(s, b))
             for name in [t for t, last in self.plan.last_use.items() if last == s]:
                 store.drop(name)
             self._set_statistics([bn for bn in batchnorms if self.plan.levels[bn.name] == s])
@@ -205,8 +207,29 @@ class _StageRunner:
         )
 
     def _fraction(self, s, b) -> float:
-        within = (b + 1) / self.batches if s > 0 and self.batches else 0.0
+        """Stage 0 reads the samples lazily: its share is samples read / samples expected, when known."""
+        if s > 0:
+            within = (b + 1) / self.batches if self.batches else 0.0
+        else:
+            within = min(1.0, self.samples / self.expected_samples) if self.expected_samples else 0.0
         return (s + within) / self.plan.num_stages
+
+    def _description(self, s) -> str:
+        level = f"BN level {s + 1}/{self.plan.num_stages}"
+        # Without a known count the fraction cannot move in stage 0; the count read still does.
+        return f"{level} ({plural(self.samples, 'sample')} read)" if s == 0 and not self.expected_samples else level
+
+
+def _expected_samples(samples: Samples) -> int | None:
+    """How many samples stage 0 will read, if known before reading them: the length of an array (or of
+    a dict's arrays), or a source's own `expected_samples` (image folders: the image files, an upper
+    bound when some are skipped). None for a plain iterable of batches."""
+    first = next(iter(samples.values()), None) if isinstance(samples, Mapping) else samples
+    shape = getattr(first, "shape", None)
+    if shape:
+        return int(shape[0])
+    hint = getattr(samples, "expected_samples", None)
+    return int(hint) if hint else None
 
 
 class _NoNodes:
@@ -286,7 +309,7 @@ def _result(work, batchnorms, plan, runner: _StageRunner, notes) -> Recalibratio
         low = int((moments.var < bn.epsilon).sum())
         if low:
             warnings.append(
-                f"{low} of {bn.channels} channels have variance below epsilon={bn.epsilon:g} on the new "
+                f"{low} of {plural(bn.channels, 'channel')} {'has' if low == 1 else 'have'} variance below epsilon={bn.epsilon:g} on the new "
                 "samples (dead or constant channels): their BN output is dominated by epsilon"
             )
         old_mean, old_var = constants[bn.mean].astype(np.float64), constants[bn.var].astype(np.float64)
@@ -301,7 +324,7 @@ def _result(work, batchnorms, plan, runner: _StageRunner, notes) -> Recalibratio
         )
     if runner.samples < RECOMMENDED_MIN_SAMPLES:
         notes.append(
-            f"only {runner.samples} samples: population statistics are noisy below about "
+            f"only {plural(runner.samples, 'sample')}: population statistics are noisy below about "
             f"{RECOMMENDED_MIN_SAMPLES} (PreciseBN recommends 10^3–10^4 samples)"
         )
     report = Report(samples=runner.samples, batches=runner.batches, layers=layers, timings=runner.timings, warnings=notes)

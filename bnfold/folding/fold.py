@@ -53,7 +53,7 @@ import onnx
 from google.protobuf.message import EncodeError
 from onnx import helper, shape_inference
 
-from bnfold.errors import VerificationFailed
+from bnfold.errors import VerificationFailed, plural
 from bnfold.folding.edit import EditableGraph
 from bnfold.onnx_graph import DEFAULT_DOMAINS, subgraph_batchnorms
 
@@ -329,7 +329,7 @@ def _forward_conv(g: EditableGraph, conv, aff: _Affine) -> str:
     group = int(attrs.get("group", 1))
     m, per_group, kernel = w.shape[0], w.shape[1], w.shape[2:]
     if group * per_group != aff.channels or m % group:
-        raise _Skip(f"Conv reads {group * per_group} channels, the BN has {aff.channels}")
+        raise _Skip(f"Conv reads {plural(group * per_group, 'channel')}, the BN has {aff.channels}")
     if _pads(attrs) and np.any(aff.b):
         raise _Skip("Conv zero-pads after the BN and b ≠ 0, so the padded border would change")
     wg = w.astype(np.float64).reshape(group, m // group, per_group, -1)
@@ -350,7 +350,7 @@ def _forward_gemm(g: EditableGraph, gemm, aff: _Affine) -> str:
     trans_b = bool(attrs.get("transB", 0))
     k = w.shape[1] if trans_b else w.shape[0]
     if k != aff.channels:
-        raise _Skip(f"Gemm reads {k} features, the BN has {aff.channels}")
+        raise _Skip(f"Gemm reads {plural(k, 'feature')}, the BN has {aff.channels}")
     w64 = w.astype(np.float64)
     b_prime = w64.T if trans_b else w64  # B' = (K, N)
     shift = float(attrs.get("alpha", 1.0)) * (aff.b @ b_prime)

@@ -32,7 +32,7 @@ import onnx
 import onnxruntime as ort
 from google.protobuf.message import EncodeError
 
-from bnfold.errors import InvalidOptions, InvalidSamples, UnsupportedModel, VerificationFailed
+from bnfold.errors import InvalidOptions, InvalidSamples, UnsupportedModel, VerificationFailed, plural
 
 #: fraction of elements of an integer/bool output that may differ (near-ties of an argmax)
 DISCRETE_FLIP_FRACTION = 1e-3
@@ -117,7 +117,7 @@ class OutputDiff:
         if self.note:
             return f"output {self.name!r}: {self.note}"
         if self.discrete:
-            return f"output {self.name!r}: {self.mismatches} of {self.elements} elements differ"
+            return f"output {self.name!r}: {self.mismatches} of {plural(self.elements, 'element')} differ"
         text = (
             f"output {self.name!r}: max |Δ| = {self.max_abs:.3g} vs tolerance {self.tolerance:.3g} "
             f"(atol {self.atol:.3g} + rtol {self.rtol:.3g} × max|ref| {self.scale:.3g}), max rel {self.max_rel:.3g}"

@@ -75,6 +75,11 @@ class ImageSamples:
         """Image files in the source (an upper bound on the samples: some may be skipped)."""
         return len(self._source.images)
 
+    @property
+    def expected_samples(self) -> int:
+        """For progress: the samples a pass will yield, at most (`len`)."""
+        return len(self)
+
     def __iter__(self) -> Iterator[np.ndarray]:
         self.used, self.skipped, self.sha256 = 0, [], None
         digest = hashlib.sha256()

@@ -10,12 +10,13 @@ random key is generated and printed once; on any other address the server refuse
 from __future__ import annotations
 
 import ipaddress
-import os
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import ByteSize, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .cpu import usable_cpus
 
 MIN_KEY_LENGTH = 16
 PLACEHOLDER_WORDS = ("changeme", "change-me", "changethis", "placeholder", "your-api-key", "example", "secret", "password")
@@ -39,7 +40,7 @@ class Settings(BaseSettings):
     max_samples_bytes: ByteSize = Field(ByteSize(2 * 2**30), ge=1, description="Also bounds an .npz's unpacked size.")
     job_memory_budget: ByteSize = Field(ByteSize(512 * 2**20), ge=0, description="RAM a job keeps between BN levels.")
     job_threads: int | None = Field(None, ge=1, le=1024, description="ONNX Runtime threads per job; default: "
-                                    "usable cores // workers, at least 1 (see resolved_job_threads).")
+                                    "usable CPUs (affinity and cgroup CPU quota) // workers, at least 1 (see resolved_job_threads).")
     # image samples (bnfold.inputs.images.ImageLimits), checked before anything is decoded
     max_archive_files: int = Field(100_000, ge=1, description="Files in an image archive, of every kind (max_members).")
     max_archive_unpacked_bytes: ByteSize = Field(ByteSize(4 * 2**30), ge=1,
@@ -85,12 +86,12 @@ class Settings(BaseSettings):
 
     @property
     def resolved_job_threads(self) -> int:
-        """BNFOLD_JOB_THREADS, else the cores this process may use shared by the workers (≥ 1), so
-        that BNFOLD_WORKERS jobs at once do not oversubscribe the machine."""
+        """BNFOLD_JOB_THREADS, else the CPUs this process may use (affinity, capped by the container's
+        CPU quota: `service.core.cpu`) shared by the workers (≥ 1), so that BNFOLD_WORKERS jobs at once
+        do not oversubscribe the machine or the quota."""
         if self.job_threads is not None:
             return self.job_threads
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return max(1, cores // self.workers)
+        return max(1, usable_cpus() // self.workers)
 
     def image_limits(self) -> dict[str, int]:
         """Keyword arguments of `bnfold.inputs.images.ImageLimits` (kept a plain dict: no bnfold import here)."""

@@ -394,3 +394,75 @@ def test_process_failure_is_one_line(processes):
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: not an ONNX model"), stderr
     assert not (out / "bad.onnx").exists()
+
+
+# -- outputs: all or nothing, checked before the work ----------------------------------------------
+
+@pytest.mark.parametrize("case", ["report-is-a-directory", "output-is-a-directory", "same-path-twice", "same-file-via-link"])
+def test_unwritable_outputs_fail_before_anything_is_written(files, tmp_path, case):
+    output, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    output.write_bytes(b"precious")
+    if case == "report-is-a-directory":
+        report.mkdir()
+    elif case == "output-is-a-directory":
+        output.unlink()
+        output.mkdir()
+    elif case == "same-path-twice":
+        report = output
+    else:
+        report = tmp_path / "link.onnx"
+        report.symlink_to(output)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    line = _assert_failed_cleanly(invoke("recalibrate", files / "model.onnx", files / "samples.npy", "-o", output,
+                                         "--report", report, "-q"))
+    assert "directory" in line if "directory" in case else "same file" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no temp files
+    if output.is_file():
+        assert output.read_bytes() == b"precious"
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() == 0, reason="root writes anywhere")
+def test_output_in_a_read_only_directory_fails_before_the_work(files, tmp_path):
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o555)
+    try:
+        line = _assert_failed_cleanly(invoke("recalibrate", files / "model.onnx", files / "samples.npy",
+                                             "-o", tmp_path / "out.onnx", "--report", tmp_path / "ro" / "r.json"))
+        assert "not writable" in line
+        assert not (tmp_path / "out.onnx").exists()
+    finally:
+        (tmp_path / "ro").chmod(0o755)
+
+
+def test_a_failed_rename_puts_the_previous_outputs_back(files, tmp_path, monkeypatch):
+    """The report's rename fails after the model's succeeded: the model file gets its old bytes back."""
+    output, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    output.write_bytes(b"old model")
+    report.write_bytes(b"old report")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == report:
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    line = _assert_failed_cleanly(invoke("recalibrate", files / "model.onnx", files / "samples.npy", "-o", output,
+                                         "--report", report, "-q"))
+    assert "No space left on device" in line and str(report) in line
+    assert output.read_bytes() == b"old model" and report.read_bytes() == b"old report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "report.json"]  # no temp files or links left
+
+    output.unlink()  # without a previous model, none is left behind
+    _assert_failed_cleanly(invoke("recalibrate", files / "model.onnx", files / "samples.npy", "-o", output,
+                                  "--report", report, "-q"))
+    assert not output.exists()
+
+
+def test_one_sample_is_singular(files, tmp_path):
+    np.save(tmp_path / "one.npy", np.load(files / "samples.npy")[:1])
+    result = invoke("recalibrate", files / "model.onnx", tmp_path / "one.npy", "-o", tmp_path / "o.onnx", "--no-fold")
+    assert result.exit_code == 0, result.stderr
+    text = " ".join(result.stdout.split())  # the table title may wrap
+    assert "only 1 sample:" in text and "BN statistics on 1 sample (3 BN levels)" in text, text
+    assert "1 samples" not in text

@@ -95,3 +95,23 @@ def test_remote_failures_are_one_line_and_write_nothing(server, files):
     assert "state: failed" in shown.stdout and "error: Invalid samples: samples for input 'x'" in shown.stdout
     assert not (files / "out.onnx").exists()
     assert "BNFOLD_URL" in failed_line(invoke("jobs", "list", env={"BNFOLD_URL": ""}))
+
+
+def test_an_unreachable_server_is_reported_at_the_first_retry(files, monkeypatch):
+    """Retries are announced as they start ("cannot reach …: retrying for up to N s"), not after the wait."""
+    import functools
+    import socket
+
+    import bnfold.client
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setattr(bnfold.client, "Client", functools.partial(bnfold.client.Client, retry_for=1.5))
+    result = invoke("recalibrate", files / "tiny.onnx", files / "samples.npy", "-o", files / "out.onnx", "--server", url)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1, result.stderr
+    assert re.fullmatch(rf"warning: cannot reach {url} \(ConnectError: .*\): retrying for up to [12] s", lines[0]), lines
+    assert all(line.startswith("warning: ") for line in lines[1:-1]) and len(lines) >= 3, lines
+    assert lines[-1].startswith(f"error: cannot reach the bnfold service at {url}"), lines
+    assert not (files / "out.onnx").exists()
