@@ -61,3 +61,12 @@ class VerificationFailed(BnfoldError):
     """The folded model does not match the unfolded one within tolerance; nothing is written. HTTP 422."""
 
     title = "Verification failed"
+
+
+class AdaptationWorse(BnfoldError):
+    """The labelled check scored the adapted model below the original; nothing is written. HTTP 422."""
+
+    title = "Adaptation made the check worse"
+
+    def __init__(self, message: str):
+        super().__init__(message, field="check_labels")

@@ -28,6 +28,8 @@ from bnfold.folding.verify import check_equivalent
 from bnfold.inputs.arrays import iter_batches, load_samples, model_inputs
 from bnfold.inputs.model import load_model, read_model_bytes
 from bnfold.report import Report
+from bnfold.trust.check import labelled_check, load_check
+from bnfold.trust.signals import SIGNAL_SAMPLES, label_free
 
 if TYPE_CHECKING:  # the image extra (Pillow, tifffile, pydantic) is imported only when images are given
     from bnfold.inputs.images import ImageLimits, ImageSamples
@@ -43,7 +45,9 @@ class JobOptions:
     on_bad_image: 'fail' or 'skip' an unreadable/mismatched image; image_limits: decoding bounds.
     Where and how fast, never what (kept out of the provenance): spill_dir: folder for the cut
     tensors beyond memory_budget (None: the system's temporary folder); threads: ONNX Runtime
-    intra-op threads for recalibration and verification (0: one per core)."""
+    intra-op threads for recalibration and verification (0: one per core).
+    prior: source-prior weight in samples (`bnfold.engine.prior`; 0: off). allow_worse: keep an
+    adaptation that lowers the labelled check metric (default: refuse it, `AdaptationWorse`)."""
 
     fold: bool = True
     batch_size: int = 64
@@ -56,8 +60,17 @@ class JobOptions:
     image_limits: ImageLimits | None = None
     spill_dir: str | os.PathLike | None = None
     threads: int = 0
+    prior: float = 0.0
+    allow_worse: bool = False
 
     def __post_init__(self) -> None:
+        from bnfold.engine.prior import check_prior
+
+        try:
+            check_prior(self.prior)
+        except InvalidOptions as exc:
+            exc.field = "options.prior"  # (the default instance is made before _naming exists)
+            raise
         if self.on_bad_image not in ("fail", "skip"):
             raise _on_field(InvalidOptions(f"on_bad_image must be 'fail' or 'skip', got {self.on_bad_image!r}"),
                             "options.on_bad_image")
@@ -93,21 +106,28 @@ def recalibrate_files(
     samples_path: str | os.PathLike,
     options: JobOptions = JobOptions(),
     progress: Progress | None = None,
+    check_samples: str | os.PathLike | None = None,
+    check_labels: str | os.PathLike | None = None,
 ) -> JobOutput:
     """Recalibrate (and by default fold and verify) a model file on a .npy/.npz samples file, or on
-    a folder / .zip / .tar(.gz) of images preprocessed by `options.preprocess` or the model's spec."""
+    a folder / .zip / .tar(.gz) of images preprocessed by `options.preprocess` or the model's spec.
+    check_samples/check_labels: a labelled check set (`bnfold.trust.check`), scored before and after;
+    an adaptation that scores worse raises `AdaptationWorse` unless `options.allow_worse`."""
     data = _read_bytes(model_source)
     model = load_model(data)
+    check = _load_check(check_samples, check_labels)
     images, origin = _image_samples(model, samples_path, options)
     samples = images if images is not None else load_samples(samples_path)
     try:
         result = recalibrate(
             model, samples, batch_size=options.batch_size, memory_budget=options.memory_budget,
             spill_dir=None if options.spill_dir is None else os.fspath(options.spill_dir), threads=options.threads,
-            progress=progress,
+            progress=progress, prior=options.prior,
         )
         if images is not None:
             result.report.extra["images"] = images.report() | {"spec_origin": origin}
+        signal_samples = images.first(SIGNAL_SAMPLES) if images is not None else _first(samples, SIGNAL_SAMPLES)
+        _did_it_help(model, result, signal_samples, check, options)
         if not options.fold:
             return JobOutput(result.model, result.report)
         first = images.first(options.verify_samples) if images is not None else _first(samples, options.verify_samples)
@@ -125,6 +145,21 @@ def recalibrate_files(
         options=_provenance_options(options),
     )
     return JobOutput(final, result.report)
+
+
+def _load_check(samples_path, labels_path):
+    if (samples_path is None) != (labels_path is None):
+        raise InvalidOptions("give both check samples and check labels (or neither)")
+    return None if samples_path is None else load_check(samples_path, labels_path)
+
+
+def _did_it_help(model: onnx.ModelProto, result, signal_samples, check, options: JobOptions) -> None:
+    """Label-free signals on the first samples; the labelled check (may refuse, before anything is written)."""
+    report = result.report
+    report.signals = label_free(model, result.model, signal_samples, options.batch_size, options.threads)
+    if check is not None:
+        report.check = labelled_check(model, result.model, *check, options.batch_size, options.allow_worse,
+                                      options.threads)
 
 
 def _image_samples(model: onnx.ModelProto, path, options: JobOptions) -> tuple[ImageSamples | None, str | None]:

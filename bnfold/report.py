@@ -64,6 +64,10 @@ class Report:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     samples_recommended: int | None = None  # for the precision target in `engine.uncertainty`
     samples_sufficient: bool | None = None
+    # Did it help (`bnfold.trust`): label-free signals on the samples, and the labelled check
+    # {metric, before, after, samples} when check samples and labels were given.
+    signals: dict[str, Any] | None = None
+    check: dict[str, Any] | None = None
 
     @property
     def totals(self) -> dict[str, Any]:

@@ -24,11 +24,12 @@ ALLOWED = {
     "bnfold.inputs": {"bnfold.errors", "bnfold.onnx_graph"},
     "bnfold.engine": {"bnfold.errors", "bnfold.onnx_graph", "bnfold.report", "bnfold.inputs"},
     "bnfold.folding": {"bnfold.errors", "bnfold.onnx_graph"},
+    "bnfold.trust": {"bnfold.errors", "bnfold.report", "bnfold.inputs"},
     "bnfold.pipeline": {"bnfold.errors", "bnfold.onnx_graph", "bnfold.report", "bnfold.provenance",
-                        "bnfold.inputs", "bnfold.engine", "bnfold.folding"},
+                        "bnfold.inputs", "bnfold.engine", "bnfold.folding", "bnfold.trust"},
     "bnfold.client": {"bnfold", "bnfold.errors", "bnfold.report"},
     "bnfold.cli": {"bnfold", "bnfold.errors", "bnfold.report", "bnfold.inputs", "bnfold.pipeline", "bnfold.client",
-                   "bnfold.demo", "service"},
+                   "bnfold.demo", "bnfold.trust", "service"},
     "bnfold.demo": {"bnfold", "bnfold.errors", "bnfold.report", "bnfold.inputs", "bnfold.engine", "bnfold.pipeline"},
 }
 

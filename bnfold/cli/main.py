@@ -62,6 +62,10 @@ def _image_option(name: str, help: str):
     return typer.Option(name, help=help, rich_help_panel="Image samples (folder or archive)")
 
 
+def _trust_option(name: str, help: str):
+    return typer.Option(name, help=help, rich_help_panel="Can I trust it? (prior, labelled check, HTML page)")
+
+
 @app.command("recalibrate")
 def recalibrate_command(
     model: Annotated[Path, typer.Argument(help="ONNX model with BatchNormalization nodes.")],
@@ -90,6 +94,17 @@ def recalibrate_command(
     layout: Annotated[Optional[str], _image_option("--layout", "NCHW or NHWC.")] = None,
     interpolation: Annotated[Optional[str], _image_option("--interpolation", "bilinear (default), nearest, bicubic, box, hamming, lanczos.")] = None,
     on_bad_image: Annotated[str, _image_option("--on-bad-image", "fail on an unreadable or mismatched image, or skip it (listed in the report).")] = "fail",
+    prior: Annotated[float, _trust_option("--prior", "Mix the model's own statistics in with this weight, in samples "
+                                          "(Schneider et al. 2020): helps mild shifts with very few samples, hurts severe "
+                                          "shifts. 0: off.")] = 0.0,
+    check_samples: Annotated[Optional[Path], _trust_option("--check-samples", "A few labelled samples (.npy/.npz) to score "
+                                                           "the model on before and after.")] = None,
+    check_labels: Annotated[Optional[Path], _trust_option("--check-labels", ".npy of class indices (N,) or masks (N, H, W) "
+                                                          "for --check-samples; a worse score refuses the result.")] = None,
+    allow_worse: Annotated[bool, _trust_option("--allow-worse", "Write the result even when the labelled check got "
+                                               "worse.")] = False,
+    report_html: Annotated[Optional[Path], _trust_option("--report-html", "Write a self-contained HTML page of the "
+                                                         "report here (needs the 'report' extra).")] = None,
 ) -> None:
     """Recompute every BN's population mean/var on unlabeled samples of the new domain."""
     with errors_to_exit():
@@ -99,16 +114,17 @@ def recalibrate_command(
             None if preprocess is None else str(preprocess), resize=resize, center_crop=crop, color=color, channels=channels,
             scale=scale, mean=mean, std=std, layout=layout, interpolation=interpolation)
         options = JobOptions(fold=fold, batch_size=batch_size, memory_budget=parse_bytes(memory_budget),
-                             preprocess=spec, on_bad_image=on_bad_image)
-        check_writable(output, report)
+                             preprocess=spec, on_bad_image=on_bad_image, prior=prior, allow_worse=allow_worse)
+        check_writable(output, report, report_html)
+        check = {"check_samples": check_samples, "check_labels": check_labels}
         if server is not None:
             from bnfold.cli.remote import recalibrate_remote
 
-            job = recalibrate_remote(server, model, samples, options, quiet)
+            job = recalibrate_remote(server, model, samples, options, quiet, **check)
         else:
             with progress_bar(quiet) as callback:
-                job = recalibrate_files(model, samples, options, progress=callback)
-        write_outputs(output, job, report)
+                job = recalibrate_files(model, samples, options, progress=callback, **check)
+        write_outputs(output, job, report, report_html)
         if not quiet:
             print_summary(job.report, output, report)
 
