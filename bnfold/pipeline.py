@@ -264,14 +264,19 @@ def _file_sha256(path: str | os.PathLike) -> str:
 
 
 def precheck(model_source: str | os.PathLike | bytes, samples_path: str | os.PathLike, batch_size: int = 8,
-             options: JobOptions | None = None) -> None:
+             options: JobOptions | None = None, check_samples: str | os.PathLike | None = None,
+             check_labels: str | os.PathLike | None = None) -> None:
     """Cheap checks worth answering synchronously, before a job is queued: the model parses, passes
     the checker and has BN nodes; the samples file is readable and its first batch fits the model.
     Images: the spec resolves and fits the model input, the archive listing passes the safety
     checks, and the first images decode (options: preprocess, on_bad_image, image_limits).
+    Check samples/labels: readable, one label per sample, first batch fits the model.
     The rest of the data (e.g. NaN in a later batch) is checked by the job itself."""
     model = load_model(_read_bytes(model_source))
     require_batchnorms(model)
+    check = _load_check(check_samples, check_labels)  # labels readable, one per sample; first batch fits
+    if check is not None:
+        next(iter_batches(check[0], model_inputs(model), batch_size))
     options = dataclasses.replace(options or JobOptions(), batch_size=batch_size)
     images, _ = _image_samples(model, samples_path, options)
     if images is None:

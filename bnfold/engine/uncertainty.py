@@ -149,7 +149,7 @@ class SampleStream:
 
     def halves(self) -> tuple[SampleMoments, SampleMoments]:
         """Moments of the first and the second half of the samples (split at a chunk boundary)."""
-        cut = int(round(self.count / 2 / self.chunk_size))
+        cut = round(self.count / 2 / self.chunk_size)
         return _merge_all(self.chunks[:cut], self.shift), _merge_all(self.chunks[cut:], self.shift)
 
 

@@ -66,7 +66,7 @@ def labelled_check(original: onnx.ModelProto, adapted: onnx.ModelProto, samples,
     """{metric, before, after, samples}; raises `AdaptationWorse` when after < before (unless allowed)."""
     metric, before = score(first_output(original, samples, batch_size, threads), labels)
     _, after = score(first_output(adapted, samples, batch_size, threads), labels)
-    check = {"metric": metric, "before": before, "after": after, "samples": int(len(labels))}
+    check = {"metric": metric, "before": before, "after": after, "samples": len(labels)}
     if after < before and not allow_worse:
         raise AdaptationWorse(
             f"the adaptation made the labelled check worse: {metric} {before:.4f} before, {after:.4f} after, on "

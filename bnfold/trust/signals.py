@@ -38,7 +38,7 @@ def first_output(model: onnx.ModelProto, samples, batch_size: int, threads: int 
     options.intra_op_num_threads = threads
     try:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises several unrelated types; all mean "cannot run this"
+    except Exception as exc:  # noqa: BLE001 -- ORT raises several unrelated types; all mean "cannot run this"
         raise UnsupportedModel(f"ONNX Runtime cannot load the model: {str(exc).strip().splitlines()[0]}") from None
     name = session.get_outputs()[0].name
     parts = [session.run([name], feeds)[0] for feeds in iter_batches(samples, model_inputs(model), batch_size)]
@@ -61,7 +61,7 @@ def probabilities(output: np.ndarray) -> np.ndarray:
 
 def compare_outputs(before: np.ndarray, after: np.ndarray) -> dict:
     """Label-free signals (see module doc) from the outputs of the same samples before and after."""
-    out = {"samples": int(len(before)), "note": "signals, not accuracy: they show how the outputs moved"}
+    out = {"samples": len(before), "note": "signals, not accuracy: they show how the outputs moved"}
     if is_classifier_like(before):
         p, q = probabilities(before), probabilities(after)
         out["kind"] = "classifier"

@@ -15,7 +15,7 @@ import pytest
 from test_cli import _assert_failed_cleanly, invoke
 
 pytest.importorskip("sklearn")
-from bnfold.demo.lab import build_demo_model, make_new_lab  # noqa: E402
+from bnfold.demo.lab import build_demo_model, make_new_lab
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import bnfold
 from bnfold.errors import InvalidOptions
 
 pytest.importorskip("sklearn")
-from bnfold.demo.lab import _conv, accuracy, build_demo_model, make_new_lab  # noqa: E402
+from bnfold.demo.lab import _conv, accuracy, build_demo_model, make_new_lab
 
 EPS = 1e-5
 

@@ -11,9 +11,14 @@ import numpy as np
 import pytest
 
 import bnfold
-import bnfold.engine.moments as moments
+from bnfold.engine import moments
 from bnfold.engine.moments import Moments, per_sample_moments
-from bnfold.engine.uncertainty import SampleMoments, SampleStream, recommendation, samples_needed, split_half
+from bnfold.engine.uncertainty import (
+    SampleStream,
+    recommendation,
+    samples_needed,
+    split_half,
+)
 
 
 def _data(n, c=3, hw=(5, 4), seed=0, offset=0.0, scale=1.0):

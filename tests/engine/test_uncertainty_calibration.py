@@ -16,8 +16,8 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-import bnfold  # noqa: E402
-from bnfold.demo.lab import build_demo_model, load_digits_images, make_new_lab  # noqa: E402
+import bnfold
+from bnfold.demo.lab import build_demo_model, load_digits_images, make_new_lab
 
 DRAWS = 100
 

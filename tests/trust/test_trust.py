@@ -27,7 +27,7 @@ def test_classifier_signals_by_hand():
     assert s["kind"] == "classifier" and "not accuracy" in s["note"]
     assert s["before"]["mean_entropy"] == pytest.approx(np.log(2))
     assert s["before"]["mean_max_probability"] == pytest.approx(0.5)
-    h = lambda p: -(p * np.log(p) + (1 - p) * np.log(1 - p))  # noqa: E731
+    h = lambda p: -(p * np.log(p) + (1 - p) * np.log(1 - p))
     assert s["after"]["mean_entropy"] == pytest.approx((h(0.9) + h(0.75)) / 2)
     assert s["after"]["mean_max_probability"] == pytest.approx((0.9 + 0.75) / 2)
     assert s["changed_argmax"] == pytest.approx(0.5)  # argmax of a tie is 0; the second sample moved to 1
