@@ -58,7 +58,7 @@ from bnfold.client.errors import (
 )
 from bnfold.client.jobs import Job, Result, report_from_dict, write_atomic
 from bnfold.client.uploads import ModelSource, SamplesSource, model_part, samples_part
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, InvalidOptions
 from bnfold.report import Report
 
 __all__ = ["AsyncClient", "Client", "Job", "Result"]
@@ -152,8 +152,13 @@ class _Base:
     # --------------------------------------------------------------------------- requests
 
     @staticmethod
-    def _submit_parts(model: ModelSource, samples: SamplesSource, options: dict[str, Any]):
+    def _submit_parts(model: ModelSource, samples: SamplesSource, options: dict[str, Any], check_samples=None,
+                      check_labels=None):
         parts = {"model": model_part(model), "samples": samples_part(samples)}
+        if (check_samples is None) != (check_labels is None):
+            raise InvalidOptions("give both check_samples and check_labels (or neither)")
+        if check_samples is not None:
+            parts |= {"check_samples": samples_part(check_samples), "check_labels": samples_part(check_labels)}
         options_json = json.dumps({k: v for k, v in options.items() if v is not None})
 
         def files() -> dict:
@@ -252,12 +257,12 @@ class Client(_Base):
     def recalibrate(self, model: ModelSource, samples: SamplesSource, *, fold: bool = True, batch_size: int | None = None,
                     verify_samples: int | None = None, rtol: float | None = None, atol: float | None = None,
                     preprocess: dict[str, Any] | None = None, on_bad_image: str | None = None,
-                    progress: Progress | None = None, timeout: float | None = None) -> Result:
+                    progress: Progress | None = None, timeout: float | None = None, **trust: Any) -> Result:
         """Submit, wait (``progress(stage, fraction)`` on every change; ``timeout``: seconds for the job
         to finish), download. The options are `submit`'s. If the wait ends other than by the job's
         end (timeout, Ctrl-C, lost server), the job is cancelled."""
         job = self.submit(model, samples, fold=fold, batch_size=batch_size, verify_samples=verify_samples,
-                          rtol=rtol, atol=atol, preprocess=preprocess, on_bad_image=on_bad_image)
+                          rtol=rtol, atol=atol, preprocess=preprocess, on_bad_image=on_bad_image, **trust)
         try:
             job = self.wait(job, timeout=timeout, progress=progress)
         except (JobFailed, JobCancelled):
@@ -270,14 +275,19 @@ class Client(_Base):
     def submit(self, model: ModelSource, samples: SamplesSource, *, fold: bool = True, batch_size: int | None = None,
                verify_samples: int | None = None, rtol: float | None = None, atol: float | None = None,
                preprocess: dict[str, Any] | None = None, on_bad_image: str | None = None,
-               wait: float | None = None) -> Job:
+               wait: float | None = None, prior: float | None = None, allow_worse: bool | None = None,
+               check_samples: SamplesSource | None = None, check_labels: SamplesSource | None = None) -> Job:
         """Upload and queue a job; the server checks model and samples first, so a bad one raises here.
         Options are those of ``bnfold recalibrate`` / `bnfold.pipeline.JobOptions`; None: the
         server's default (image samples only: ``preprocess`` overrides, ``on_bad_image``).
-        ``wait``: block up to this many seconds (server-capped) for the job to end."""
+        ``wait``: block up to this many seconds (server-capped) for the job to end.
+        ``prior``: source-prior weight in samples (0/None: off). ``check_samples`` + ``check_labels``
+        (paths, bytes or arrays): a labelled check scored before and after; a worse score fails the
+        job (`JobFailed`, nothing kept) unless ``allow_worse``."""
         files, replayable = self._submit_parts(model, samples, dict(
             fold=fold, batch_size=batch_size, verify_samples=verify_samples, rtol=rtol, atol=atol,
-            preprocess=preprocess, on_bad_image=on_bad_image))
+            preprocess=preprocess, on_bad_image=on_bad_image, prior=prior, allow_worse=allow_worse),
+            check_samples, check_labels)
         response = self._send("POST", "/v1/jobs", files=files, replayable=replayable,
                               params={"wait": wait} if wait else None, timeout=self._request_timeout(wait))
         return Job.from_json(response.json())
@@ -308,6 +318,14 @@ class Client(_Base):
 
     def report(self, job: JobRef) -> Report:
         return report_from_dict(self._send("GET", self._job_path(job, "/report")).json())
+
+    def report_html(self, job: JobRef, path: str | os.PathLike | None = None) -> bytes | Path:
+        """The report as one self-contained HTML page; with ``path``, saved there (atomically)."""
+        content = self._send("GET", self._job_path(job, "/report.html")).content
+        if path is None:
+            return content
+        write_atomic(Path(path), content)
+        return Path(path)
 
     def cancel(self, job: JobRef) -> Job | None:
         """Cancel a queued/running job (returned, now cancelled); an ended job is deleted (None)."""
@@ -380,10 +398,10 @@ class AsyncClient(_Base):
                           batch_size: int | None = None, verify_samples: int | None = None, rtol: float | None = None,
                           atol: float | None = None, preprocess: dict[str, Any] | None = None,
                           on_bad_image: str | None = None, progress: Progress | None = None,
-                          timeout: float | None = None) -> Result:
+                          timeout: float | None = None, **trust: Any) -> Result:
         """See `Client.recalibrate`; a cancelled task cancels the job."""
         job = await self.submit(model, samples, fold=fold, batch_size=batch_size, verify_samples=verify_samples,
-                                rtol=rtol, atol=atol, preprocess=preprocess, on_bad_image=on_bad_image)
+                                rtol=rtol, atol=atol, preprocess=preprocess, on_bad_image=on_bad_image, **trust)
         try:
             job = await self.wait(job, timeout=timeout, progress=progress)
         except (JobFailed, JobCancelled):
@@ -396,10 +414,13 @@ class AsyncClient(_Base):
     async def submit(self, model: ModelSource, samples: SamplesSource, *, fold: bool = True,
                      batch_size: int | None = None, verify_samples: int | None = None, rtol: float | None = None,
                      atol: float | None = None, preprocess: dict[str, Any] | None = None,
-                     on_bad_image: str | None = None, wait: float | None = None) -> Job:
+                     on_bad_image: str | None = None, wait: float | None = None, prior: float | None = None,
+                     allow_worse: bool | None = None, check_samples: SamplesSource | None = None,
+                     check_labels: SamplesSource | None = None) -> Job:
         files, replayable = self._submit_parts(model, samples, dict(
             fold=fold, batch_size=batch_size, verify_samples=verify_samples, rtol=rtol, atol=atol,
-            preprocess=preprocess, on_bad_image=on_bad_image))
+            preprocess=preprocess, on_bad_image=on_bad_image, prior=prior, allow_worse=allow_worse),
+            check_samples, check_labels)
         response = await self._send("POST", "/v1/jobs", files=files, replayable=replayable,
                                     params={"wait": wait} if wait else None, timeout=self._request_timeout(wait))
         return Job.from_json(response.json())
@@ -426,6 +447,14 @@ class AsyncClient(_Base):
 
     async def report(self, job: JobRef) -> Report:
         return report_from_dict((await self._send("GET", self._job_path(job, "/report"))).json())
+
+    async def report_html(self, job: JobRef, path: str | os.PathLike | None = None) -> bytes | Path:
+        """See `Client.report_html`."""
+        content = (await self._send("GET", self._job_path(job, "/report.html"))).content
+        if path is None:
+            return content
+        write_atomic(Path(path), content)
+        return Path(path)
 
     async def cancel(self, job: JobRef) -> Job | None:
         response = await self._send("DELETE", self._job_path(job))
