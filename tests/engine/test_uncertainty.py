@@ -163,3 +163,18 @@ def test_report_contract():
     assert any("too few for the precision target" in w for w in report.warnings)
     one = bnfold.recalibrate(model, {k: v[:1] for k, v in samples.items()}).report
     assert one.layers[0].stderr_mean is None and '"stderr_mean": null' in one.to_json()
+
+
+def test_recalibrate_stderr_does_not_depend_on_batching():
+    from models import make_samples, residual_block
+
+    model = residual_block()
+    samples = make_samples(model, 120)
+    reports = [bnfold.recalibrate(model, samples, batch_size=b).report for b in (1, 7, 120)]
+    for other in reports[1:]:
+        for got, want in zip(other.layers, reports[0].layers):
+            np.testing.assert_allclose(got.stderr_mean, want.stderr_mean, rtol=1e-9)
+            np.testing.assert_allclose(got.stderr_var, want.stderr_var, rtol=1e-9)
+        assert other.samples_recommended == reports[0].samples_recommended
+        split, first = other.extra["uncertainty"]["split_half"], reports[0].extra["uncertainty"]["split_half"]
+        assert split["samples"] == first["samples"] and split["max_abs_z"] == pytest.approx(first["max_abs_z"], rel=1e-9)
