@@ -135,8 +135,15 @@ def per_sample_moments(x: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np
     s1, s2 = np.empty((n, channels)), np.empty((n, channels))
     per_sample = channels * rows.shape[2]
     if _kernel is not None and per_sample >= _BLOCK_ELEMENTS // 16:  # big samples: one fast kernel call each
-        for i in range(n):
-            s1[i], s2[i] = _shifted_sums(rows[i : i + 1], k)
+
+        def sample_range(lo: int, hi: int) -> None:
+            for i in range(lo, hi):
+                s1[i], s2[i] = _shifted_sums(rows[i : i + 1], k)
+
+        # like Moments.of: large batches are split by samples over a few threads (the kernel releases the GIL)
+        parts = min(_THREADS, max(1, rows.size // _PARALLEL_ELEMENTS), n)
+        bounds = np.linspace(0, n, parts + 1).astype(int)
+        list(_pool().map(sample_range, bounds[:-1], bounds[1:]))
         return s1 / length, s2 / length
     step = max(1, _BLOCK_ELEMENTS // max(1, per_sample))  # small samples: vectorised over a block of them
     for start in range(0, n, step):
