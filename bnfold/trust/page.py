@@ -25,13 +25,14 @@ def render(report: dict[str, Any], title: str = "bnfold report") -> str:
     """The page as a string (UTF-8 HTML)."""
     try:
         from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         raise InvalidOptions("the HTML report needs matplotlib: pip install 'bnfold[report]'") from None
     parts = [_HEAD.format(title=html.escape(title)), _summary(report)]
     layers = report.get("layers") or []
     if layers:
         parts.append("<h2>1. What changed, layer by layer</h2>" + _LAYER_TEXT)
-        parts.append(_img(_layer_figure(Figure, layers)))
+        parts.append(_img(_layer_figure(Figure, FuncFormatter, layers)))
     parts.append("<h2>2. Did it help?</h2>" + _help_section(Figure, report))
     parts.append("<h2>3. What happened to each BatchNorm when folding</h2>" + _fold_section(report))
     parts.append("</body></html>")
@@ -57,7 +58,7 @@ def _summary(report: dict[str, Any]) -> str:
             + (f"<div class='warn'><b>Warnings</b><ul>{notes}</ul></div>" if notes else "<p class='ok'>No warnings.</p>"))
 
 
-def _layer_figure(Figure, layers: list[dict[str, Any]]):
+def _layer_figure(Figure, FuncFormatter, layers: list[dict[str, Any]]):  # noqa: N803 -- classes, imported late
     names = [layer["name"] for layer in layers]
     shift, shift_err, ratio, ratio_lo, ratio_hi = [], [], [], [], []
     for layer in layers:
@@ -86,12 +87,15 @@ def _layer_figure(Figure, layers: list[dict[str, Any]]):
     right.set_xscale("log")
     reach = max(max(ratio), 1 / min(ratio), 1.1) * 1.6  # symmetric around 1: shrinking and growing look alike
     right.set_xlim(1 / reach, reach)
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    right.xaxis.set_major_formatter(plain)
+    right.xaxis.set_minor_formatter(plain)
     if len(layers) <= 40:  # values next to the bars while they stay readable
         for i, (s_value, r_value) in enumerate(zip(shift, ratio)):
             left.text(s_value + shift_err[i], i, f"  {s_value:.2f}", va="center", fontsize=8)
-            # on the other side of the 1-line, where there is always room
-            right.text(1 / 1.08 if r_value >= 1 else 1.08, i, f"{r_value:.2f}", va="center", fontsize=8,
-                       ha="right" if r_value >= 1 else "left")
+            # at the right edge, clear of bars and error bars
+            right.text(0.99, i, f"×{r_value:.2f}", va="center", ha="right", fontsize=8,
+                       transform=right.get_yaxis_transform())
         left.set_xlim(0, max(max(shift) + max(shift_err), 1e-3) * 1.2)
     right.set_title("Variance ratio  var_new / var_old  (geometric mean)")
     right.set_xlabel("1 = unchanged;  < 1: activations shrank,  > 1: grew")
