@@ -58,7 +58,7 @@ def _summary(report: dict[str, Any]) -> str:
             + (f"<div class='warn'><b>Warnings</b><ul>{notes}</ul></div>" if notes else "<p class='ok'>No warnings.</p>"))
 
 
-def _layer_figure(Figure, FuncFormatter, layers: list[dict[str, Any]]):  # noqa: N803 -- classes, imported late
+def _layer_figure(Figure, FuncFormatter, layers: list[dict[str, Any]]):  # matplotlib classes, imported late
     names = [layer["name"] for layer in layers]
     shift, shift_err, ratio, ratio_lo, ratio_hi = [], [], [], [], []
     for layer in layers:
