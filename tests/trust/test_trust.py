@@ -143,3 +143,19 @@ def test_page_is_self_contained_with_plots(demo_job):
     for text in ("bn1", "bn2", "signals, not accuracy", "Labelled check", "folded into the layer before",
                  f"{job.report.check['after']:.1%}"):
         assert text in page
+
+
+def test_page_without_check_fold_or_standard_errors():
+    """One sample (no standard errors), --no-fold, a regression-like output: the page still renders."""
+    pytest.importorskip("matplotlib")
+    from models import conv_bn, make_samples
+
+    import bnfold
+    from bnfold.trust.page import render
+
+    model = conv_bn()
+    report = bnfold.recalibrate(model, {k: v[:1] for k, v in make_samples(model, 1).items()}).report
+    report.signals = compare_outputs(np.arange(6.0).reshape(6, 1), np.arange(6.0).reshape(6, 1) * 2)
+    page = render(report.to_dict())
+    assert "Output shift" in page and "Not folded" in page and "No labelled check" in page
+    assert "too few" in page and page.count("data:image/png;base64,") == 1
