@@ -25,7 +25,14 @@ from onnx import TensorProto, helper, numpy_helper
 pytest.importorskip("sklearn")
 
 import bnfold
-from bnfold.demo.lab import EPS, _bn_relu, _conv, build_demo_model, load_digits_images, make_new_lab
+from bnfold.demo.lab import (
+    EPS,
+    _bn_relu,
+    _conv,
+    build_demo_model,
+    load_digits_images,
+    make_new_lab,
+)
 
 DRAWS = 60
 
