@@ -76,3 +76,12 @@ class QuantizationRefused(BnfoldError):
 def plural(count: int, noun: str, nouns: str | None = None) -> str:
     """'1 sample', '2 samples', '0 samples' (`nouns`: an irregular plural). For the messages above."""
     return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+
+
+class AdaptationWorse(BnfoldError):
+    """The labelled check scored the adapted model below the original; nothing is written. HTTP 422."""
+
+    title = "Adaptation made the check worse"
+
+    def __init__(self, message: str):
+        super().__init__(message, field="check_labels")

@@ -36,6 +36,8 @@ from bnfold.quantize import (
     quantize_int8,
 )
 from bnfold.report import Report
+from bnfold.trust.check import labelled_check, load_check
+from bnfold.trust.signals import SIGNAL_SAMPLES, label_free
 
 if TYPE_CHECKING:  # the image extra (Pillow, tifffile, pydantic) is imported only when images are given
     from bnfold.inputs.images import ImageLimits, ImageSamples
@@ -57,7 +59,9 @@ class JobOptions:
     min_agreement / min_cosine: the agreement gate's thresholds (top-1 agreement of classifier-like
     outputs, cosine similarity of every float output) below which the INT8 model is refused.
     memory_budget also bounds the samples kept in RAM between calibration and the gate; the INT8
-    step's temporary files go to spill_dir."""
+    step's temporary files go to spill_dir.
+    prior: source-prior weight in samples (`bnfold.engine.prior`; 0: off). allow_worse: keep an
+    adaptation that lowers the labelled check metric (default: refuse it, `AdaptationWorse`)."""
 
     fold: bool = True
     batch_size: int = 64
@@ -74,9 +78,18 @@ class JobOptions:
     quantize_method: str = "minmax"
     min_agreement: float = DEFAULT_MIN_AGREEMENT
     min_cosine: float = DEFAULT_MIN_COSINE
+    prior: float = 0.0
+    allow_worse: bool = False
 
     def __post_init__(self) -> None:
         self._check_quantize()
+        from bnfold.engine.prior import check_prior
+
+        try:
+            check_prior(self.prior)
+        except InvalidOptions as exc:
+            exc.field = "options.prior"  # (the default instance is made before _naming exists)
+            raise
         if self.on_bad_image not in ("fail", "skip"):
             raise _on_field(InvalidOptions(f"on_bad_image must be 'fail' or 'skip', got {self.on_bad_image!r}"),
                             "options.on_bad_image")
@@ -132,21 +145,28 @@ def recalibrate_files(
     samples_path: str | os.PathLike,
     options: JobOptions = JobOptions(),
     progress: Progress | None = None,
+    check_samples: str | os.PathLike | None = None,
+    check_labels: str | os.PathLike | None = None,
 ) -> JobOutput:
     """Recalibrate (and by default fold and verify) a model file on a .npy/.npz samples file, or on
-    a folder / .zip / .tar(.gz) of images preprocessed by `options.preprocess` or the model's spec."""
+    a folder / .zip / .tar(.gz) of images preprocessed by `options.preprocess` or the model's spec.
+    check_samples/check_labels: a labelled check set (`bnfold.trust.check`), scored before and after;
+    an adaptation that scores worse raises `AdaptationWorse` unless `options.allow_worse`."""
     data = _read_bytes(model_source)
     model = load_model(data)
+    check = _load_check(check_samples, check_labels)
     images, origin = _image_samples(model, samples_path, options)
     samples = images if images is not None else load_samples(samples_path)
     try:
         result = recalibrate(
             model, samples, batch_size=options.batch_size, memory_budget=options.memory_budget,
             spill_dir=None if options.spill_dir is None else os.fspath(options.spill_dir), threads=options.threads,
-            progress=progress,
+            progress=progress, prior=options.prior,
         )
         if images is not None:
             result.report.extra["images"] = images.report() | {"spec_origin": origin}
+        signal_samples = images.first(SIGNAL_SAMPLES) if images is not None else _first(samples, SIGNAL_SAMPLES)
+        _did_it_help(model, result, signal_samples, check, options)
         if not options.fold:
             return JobOutput(result.model, result.report)
         first = images.first(options.verify_samples) if images is not None else _first(samples, options.verify_samples)
@@ -176,6 +196,21 @@ def recalibrate_files(
             images.close()
     stamp(final, options)
     return JobOutput(final, result.report, float_model)
+
+
+def _load_check(samples_path, labels_path):
+    if (samples_path is None) != (labels_path is None):
+        raise InvalidOptions("give both check samples and check labels (or neither)")
+    return None if samples_path is None else load_check(samples_path, labels_path)
+
+
+def _did_it_help(model: onnx.ModelProto, result, signal_samples, check, options: JobOptions) -> None:
+    """Label-free signals on the first samples; the labelled check (may refuse, before anything is written)."""
+    report = result.report
+    report.signals = label_free(model, result.model, signal_samples, options.batch_size, options.threads)
+    if check is not None:
+        report.check = labelled_check(model, result.model, *check, options.batch_size, options.allow_worse,
+                                      options.threads)
 
 
 def _image_samples(model: onnx.ModelProto, path, options: JobOptions) -> tuple[ImageSamples | None, str | None]:
@@ -300,15 +335,20 @@ def _file_sha256(path: str | os.PathLike) -> str:
 
 
 def precheck(model_source: str | os.PathLike | bytes, samples_path: str | os.PathLike, batch_size: int = 8,
-             options: JobOptions | None = None) -> None:
+             options: JobOptions | None = None, check_samples: str | os.PathLike | None = None,
+             check_labels: str | os.PathLike | None = None) -> None:
     """Cheap checks worth answering synchronously, before a job is queued: the model parses, passes
     the checker and has BN nodes; the samples file is readable and its first batch fits the model.
     Images: the spec resolves and fits the model input, the archive listing passes the safety
     checks, and the first images decode (options: preprocess, on_bad_image, image_limits).
     With options.quantize, models INT8 cannot take (float16, no compute op) are refused here.
+    Check samples/labels: readable, one label per sample, first batch fits the model.
     The rest of the data (e.g. NaN in a later batch) is checked by the job itself."""
     model = load_model(_read_bytes(model_source))
     require_batchnorms(model)
+    check = _load_check(check_samples, check_labels)  # labels readable, one per sample; first batch fits
+    if check is not None:
+        next(iter_batches(check[0], model_inputs(model), batch_size))
     options = dataclasses.replace(options or JobOptions(), batch_size=batch_size)
     if options.quantize:
         check_quantizable(model)

@@ -18,9 +18,6 @@ from typing import Any
 
 import numpy as np
 
-#: PreciseBN (Wu & Johnson, 2021) recommends 10^3–10^4 samples for population statistics.
-RECOMMENDED_MIN_SAMPLES = 1000
-
 
 @dataclasses.dataclass
 class ShiftScore:
@@ -46,6 +43,13 @@ class LayerReport:
     new_var: np.ndarray
     shift: ShiftScore
     warnings: list[str] = dataclasses.field(default_factory=list)
+    # Standard errors of new_mean / new_var from the between-sample spread (`engine.uncertainty`),
+    # in their units; None below 2 samples. With a source prior they are those of the target-only
+    # statistics target_mean / target_var, which the prior then mixes into new_mean / new_var.
+    stderr_mean: np.ndarray | None = None
+    stderr_var: np.ndarray | None = None
+    target_mean: np.ndarray | None = None
+    target_var: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -58,6 +62,12 @@ class Report:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    samples_recommended: int | None = None  # for the precision target in `engine.uncertainty`
+    samples_sufficient: bool | None = None
+    # Did it help (`bnfold.trust`): label-free signals on the samples, and the labelled check
+    # {metric, before, after, samples} when check samples and labels were given.
+    signals: dict[str, Any] | None = None
+    check: dict[str, Any] | None = None
 
     @property
     def totals(self) -> dict[str, Any]:
@@ -69,6 +79,8 @@ class Report:
             "mean_shift": float(np.mean([s.mean_shift for s in shifts])) if shifts else 0.0,
             "max_mean_shift": max((s.max_mean_shift for s in shifts), default=0.0),
             "kl": float(np.mean([s.kl for s in shifts])) if shifts else 0.0,
+            "samples_recommended": self.samples_recommended,
+            "samples_sufficient": self.samples_sufficient,
         }
 
     def to_dict(self) -> dict[str, Any]:

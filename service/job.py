@@ -26,7 +26,7 @@ from bnfold.inputs.images import ImageLimits
 from bnfold.pipeline import JobOptions, recalibrate_files
 
 from . import errors
-from .storage import MODEL_FILE, REPORT_FILE, RESULT_FILE, write_atomic
+from .storage import MODEL_FILE, REPORT_FILE, REPORT_HTML_FILE, RESULT_FILE, check_paths, write_atomic
 
 if TYPE_CHECKING:
     from .core.config import Settings
@@ -73,10 +73,13 @@ def run_job(job_dir: str, samples_file: str, options: dict[str, Any], runtime: d
         tempfile.tempdir = str(spill)
         job_options = JobOptions(**options, memory_budget=runtime["memory_budget"], threads=runtime["threads"],
                                  image_limits=ImageLimits(**runtime["image_limits"]), spill_dir=spill)
-        output = recalibrate_files(directory / MODEL_FILE, directory / samples_file, job_options, report.recalibrating)
+        check_samples, check_labels = check_paths(directory)
+        output = recalibrate_files(directory / MODEL_FILE, directory / samples_file, job_options, report.recalibrating,
+                                   check_samples=check_samples, check_labels=check_labels)
         report("writing results", 0.95)
         data = output.model.SerializeToString()
         write_atomic(directory / REPORT_FILE, output.report.to_json().encode())
+        write_report_page(directory, output.report.to_dict())
         write_atomic(directory / RESULT_FILE, data)
         conn.send(("succeeded", {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}))
     except BnfoldError as exc:
@@ -105,3 +108,15 @@ class _Reporter:
 
     def recalibrating(self, description: str, fraction: float) -> None:
         self(f"recalibrating: {description}", 0.05 + 0.85 * min(1.0, max(0.0, fraction)))
+
+
+def write_report_page(directory: Path, report: dict[str, Any]) -> None:
+    """report.html next to report.json (the service extra installs matplotlib; without it the route
+    renders on demand and says what is missing)."""
+    from bnfold.trust.page import render
+
+    try:
+        page = render(report, title="bnfold report")
+    except BnfoldError:
+        return
+    write_atomic(directory / REPORT_HTML_FILE, page.encode())

@@ -49,6 +49,12 @@ class JobOptionsIn(BaseModel):
         "INT8 gate: least top-1 agreement with the float model, for classifier-like outputs (N, K) and discrete outputs."))
     min_cosine: float = Field(DEFAULT_MIN_COSINE, ge=0, le=1, description=(
         "INT8 gate: least cosine similarity between the INT8 and the float model's float outputs."))
+    prior: float = Field(0.0, ge=0, le=1e12, allow_inf_nan=False, description=(
+        "Source prior (Schneider et al. 2020): mix the model's own statistics in with this weight, in samples, inside "
+        "the fixed point. Helps mild shifts with very few samples, hurts severe shifts; 0: off."))
+    allow_worse: bool = Field(False, description=(
+        "With the check_samples/check_labels parts: keep a result whose labelled check metric got worse (default: "
+        "the job fails and nothing is kept)."))
 
 
 class FieldError(BaseModel):
@@ -102,6 +108,7 @@ class Inputs(BaseModel):
 class JobResult(BaseModel):
     model_url: str
     report_url: str
+    report_html_url: str = Field(description="The report as one self-contained HTML page with plots.")
     model_sha256: str = Field(description="Also the ETag of GET model_url.")
     model_bytes: int
 

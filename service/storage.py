@@ -36,6 +36,9 @@ from bnfold.inputs.image_sources import is_image_source
 from .errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 
 MODEL_FILE, RESULT_FILE, REPORT_FILE = "model.onnx", "result.onnx", "report.json"
+REPORT_HTML_FILE = "report.html"
+#: the optional labelled check set (bnfold.trust.check): both parts or neither, .npy / .npz by content
+CHECK_FILES = ("check_samples.npy", "check_samples.npz", "check_labels.npy")
 MAX_OPTIONS_BYTES = 64 * 1024
 DRAIN_LIMIT = 8 * 2**20  # after a 413, read (and drop) this much more so the client can see the answer
 NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
@@ -107,7 +110,7 @@ class Storage:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
 
     def remove_inputs(self, job_id: str) -> None:
-        for name in (MODEL_FILE, *SAMPLES_FILES):
+        for name in (MODEL_FILE, *SAMPLES_FILES, *CHECK_FILES):
             (self.job_dir(job_id) / name).unlink(missing_ok=True)
         shutil.rmtree(self.job_dir(job_id) / "spill", ignore_errors=True)
 
@@ -164,6 +167,7 @@ class _Sink:
     """python-multipart callbacks writing file parts to disk as they arrive."""
 
     FILES = {"model": MODEL_FILE, "samples": "samples.upload"}
+    OPTIONAL_FILES = {"check_samples": "check_samples.upload", "check_labels": "check_labels.upload"}
 
     def __init__(self, directory: Path, limits: Limits):
         self.directory, self.limits = directory, limits
@@ -200,8 +204,9 @@ class _Sink:
     def _headers_done(self):
         _, params = parse_options_header(self.disposition)
         name = params.get(b"name", b"").decode("utf-8", "replace")
-        if name not in (*self.FILES, "options"):
-            raise InvalidRequest(f"unexpected part '{name}': send the parts model, samples and options", field=name or "body")
+        if name not in (*self.FILES, *self.OPTIONAL_FILES, "options"):
+            raise InvalidRequest(f"unexpected part '{name}': send the parts model, samples and options (and optionally "
+                                 "check_samples with check_labels)", field=name or "body")
         if name in self.sizes:
             raise InvalidRequest(f"part '{name}' appears twice", field=name)
         self.name, self.sizes[name] = name, 0
@@ -210,11 +215,13 @@ class _Sink:
         if name == "options":
             self.options = bytearray()
         else:
-            self.file = open(self.directory / self.FILES[name], "wb")
+            self.file = open(self.directory / (self.FILES | self.OPTIONAL_FILES)[name], "wb")
 
     def _data(self, data, start, end):
         size = self.sizes[self.name] = self.sizes[self.name] + (end - start)
-        limit = {"model": self.limits.model_bytes, "samples": self.limits.samples_bytes}.get(self.name, MAX_OPTIONS_BYTES)
+        limit = {"model": self.limits.model_bytes, "samples": self.limits.samples_bytes,
+                 "check_samples": self.limits.samples_bytes, "check_labels": self.limits.samples_bytes}.get(
+            self.name, MAX_OPTIONS_BYTES)
         if size > limit:
             raise PayloadTooLarge(f"{self.name} is larger than the limit of {limit} bytes", field=self.name)
         if self.file is not None:
@@ -244,8 +251,37 @@ class _Sink:
                 raise InvalidRequest(f"the '{name}' file is empty", field=name)
         _refuse_foreign_model(self.directory / MODEL_FILE)
         samples_file = _place_samples(self.directory / self.FILES["samples"], self.limits.samples_bytes)
+        _place_check(self.directory, self.sizes, self.limits.samples_bytes)
         return Upload(self.directory, self.filenames.get("model"), self.filenames.get("samples"), samples_file,
                       self.sizes["model"], self.sizes["samples"], bytes(self.options) if self.options is not None else None)
+
+
+def _place_check(directory: Path, sizes: dict[str, int], limit: int) -> None:
+    """The labelled check parts: both or neither, non-empty, arrays (.npy; samples may be .npz), named by content."""
+    given = [name for name in _Sink.OPTIONAL_FILES if name in sizes]
+    if len(given) == 1:
+        missing = ({*_Sink.OPTIONAL_FILES} - set(given)).pop()
+        raise InvalidRequest(f"the '{given[0]}' part needs a '{missing}' part too", field=missing)
+    for name in given:
+        path = directory / _Sink.OPTIONAL_FILES[name]
+        head = _head(path)
+        if sizes[name] == 0:
+            raise InvalidRequest(f"the '{name}' file is empty", field=name)
+        if head.startswith(NPY_MAGIC):
+            os.replace(path, directory / f"{name}.npy")
+        elif name == "check_samples" and head.startswith(ZIP_MAGIC):
+            _refuse_large_npz(path, limit)
+            os.replace(path, directory / f"{name}.npz")
+        else:
+            raise UnsupportedMediaType(f"{name} must be a NumPy .npy file" + (" or .npz" if name == "check_samples" else ""),
+                                       field=name)
+
+
+def check_paths(directory: Path) -> tuple[Path | None, Path | None]:
+    """(check samples, check labels) in a job or upload directory, or (None, None)."""
+    samples = next((directory / n for n in CHECK_FILES[:2] if (directory / n).is_file()), None)
+    labels = directory / CHECK_FILES[2]
+    return (samples, labels) if samples is not None and labels.is_file() else (None, None)
 
 
 def _refuse_foreign_model(path: Path) -> None:

@@ -25,11 +25,12 @@ ALLOWED = {
     "bnfold.engine": {"bnfold.errors", "bnfold.onnx_graph", "bnfold.report", "bnfold.inputs"},
     "bnfold.folding": {"bnfold.errors", "bnfold.onnx_graph"},
     "bnfold.quantize": {"bnfold.errors", "bnfold.onnx_graph", "bnfold.inputs"},
+    "bnfold.trust": {"bnfold.errors", "bnfold.report", "bnfold.inputs"},
     "bnfold.pipeline": {"bnfold.errors", "bnfold.onnx_graph", "bnfold.report", "bnfold.provenance",
-                        "bnfold.inputs", "bnfold.engine", "bnfold.folding", "bnfold.quantize"},
+                        "bnfold.inputs", "bnfold.engine", "bnfold.folding", "bnfold.quantize", "bnfold.trust"},
     "bnfold.client": {"bnfold", "bnfold.errors", "bnfold.report"},
-    "bnfold.cli": {"bnfold", "bnfold.errors", "bnfold.report", "bnfold.inputs", "bnfold.pipeline", "bnfold.quantize", "bnfold.client",
-                   "bnfold.demo", "service"},
+    "bnfold.cli": {"bnfold", "bnfold.errors", "bnfold.report", "bnfold.inputs", "bnfold.pipeline", "bnfold.quantize",
+                   "bnfold.client", "bnfold.demo", "bnfold.trust", "service"},
     "bnfold.demo": {"bnfold", "bnfold.errors", "bnfold.report", "bnfold.inputs", "bnfold.engine", "bnfold.pipeline"},
 }
 

@@ -66,6 +66,8 @@ def _image_option(name: str, help: str):
 
 def _int8_option(name: str, help: str):
     return typer.Option(name, help=help, rich_help_panel="INT8 quantization")
+def _trust_option(name: str, help: str):
+    return typer.Option(name, help=help, rich_help_panel="Can I trust it? (prior, labelled check, HTML page)")
 
 
 @app.command("recalibrate")
@@ -105,6 +107,17 @@ def recalibrate_command(
                                              "float model's outputs.")] = DEFAULT_MIN_COSINE,
     float_output: Annotated[Optional[Path], _int8_option("--float-output", "Also write the float (recalibrated, folded) "
                                                         "model here, even when the INT8 model is refused.")] = None,
+    prior: Annotated[float, _trust_option("--prior", "Mix the model's own statistics in with this weight, in samples "
+                                          "(Schneider et al. 2020): helps mild shifts with very few samples, hurts severe "
+                                          "shifts. 0: off.")] = 0.0,
+    check_samples: Annotated[Optional[Path], _trust_option("--check-samples", "A few labelled samples (.npy/.npz) to score "
+                                                           "the model on before and after.")] = None,
+    check_labels: Annotated[Optional[Path], _trust_option("--check-labels", ".npy of class indices (N,) or masks (N, H, W) "
+                                                          "for --check-samples; a worse score refuses the result.")] = None,
+    allow_worse: Annotated[bool, _trust_option("--allow-worse", "Write the result even when the labelled check got "
+                                               "worse.")] = False,
+    report_html: Annotated[Optional[Path], _trust_option("--report-html", "Write a self-contained HTML page of the "
+                                                         "report here (needs the 'report' extra).")] = None,
 ) -> None:
     """Recompute every BN's population mean/var on unlabeled samples of the new domain."""
     with errors_to_exit():
@@ -115,19 +128,21 @@ def recalibrate_command(
             scale=scale, mean=mean, std=std, layout=layout, interpolation=interpolation)
         options = JobOptions(fold=fold, batch_size=batch_size, memory_budget=parse_bytes(memory_budget),
                              preprocess=spec, on_bad_image=on_bad_image, quantize=quantize,
-                             quantize_method=quantize_method, min_agreement=min_agreement, min_cosine=min_cosine)
-        check_writable(output, report, float_output)
+                             quantize_method=quantize_method, min_agreement=min_agreement, min_cosine=min_cosine,
+                             prior=prior, allow_worse=allow_worse)
+        check_writable(output, report, float_output, report_html)
         if float_output is not None and (not quantize or server is not None):
             raise InvalidOptions("--float-output goes with --quantize int8, run here (not with --server)")
+        check = {"check_samples": check_samples, "check_labels": check_labels}
         if server is not None:
             from bnfold.cli.remote import recalibrate_remote
 
-            job = recalibrate_remote(server, model, samples, options, quiet)
+            job = recalibrate_remote(server, model, samples, options, quiet, **check)
         else:
             with progress_bar(quiet) as callback, float_kept(float_output) as keep:
-                job = recalibrate_files(model, samples, options, progress=callback)
+                job = recalibrate_files(model, samples, options, progress=callback, **check)
                 keep.written(job)
-        write_outputs(output, job, report)
+        write_outputs(output, job, report, report_html)
         if not quiet:
             print_summary(job.report, output, report)
 

@@ -91,13 +91,18 @@ def check_writable(*paths: Path | None) -> None:
         seen[target.resolve()] = Path(path)
 
 
-def write_outputs(model_path: Path, job, report_path: Path | None) -> None:
-    """Write model and report all or nothing: each goes to a temporary file next to its target, then
-    both are renamed into place; if a rename fails, the targets already replaced get their previous
-    contents back (kept as hard links until both are in place)."""
+def write_outputs(model_path: Path, job, report_path: Path | None, html_path: Path | None = None) -> None:
+    """Write model, report (and HTML page) all or nothing: each goes to a temporary file next to its
+    target, then all are renamed into place; if a rename fails, the targets already replaced get their
+    previous contents back (kept as hard links until all are in place)."""
     pending = [(Path(model_path), job.model.SerializeToString())]
     if report_path is not None:
         pending.append((Path(report_path), job.report.to_json().encode()))
+    if html_path is not None:
+        from bnfold.trust.page import render
+
+        page = render(job.report.to_dict(), title=f"bnfold report: {Path(model_path).name}")
+        pending.append((Path(html_path), page.encode()))
     check_writable(*(path for path, _ in pending))
     temps: list[str] = []
     placed: list[tuple[Path, str | None]] = []  # (target, hard link to its previous contents)
@@ -196,10 +201,32 @@ def print_summary(report: Report, output: Path, report_path: Path | None) -> Non
     out.print(table)
     for warning in report.warnings + [f"{l.name}: {w}" for l in report.layers for w in l.warnings]:
         out.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    print_trust(report)
     print_images(report)
     print_fold(report)
     print_quantize(report)
     out.print(f"wrote {output}" + (f" and {report_path}" if report_path else "") + f" in {report.timings.get('total', 0):.2f} s")
+
+
+def print_trust(report: Report) -> None:
+    """Sample sufficiency, the label-free signals and the labelled check, one line each."""
+    if report.samples_recommended is not None:
+        enough = "enough" if report.samples_sufficient else "too few"
+        out.print(f"samples: {report.samples} ({enough}; about {report.samples_recommended} recommended for standard "
+                  "errors ≤ 2 % of σ)", highlight=False)
+    signals = report.signals
+    if signals and signals.get("kind") == "classifier":
+        b, a = signals["before"], signals["after"]
+        out.print(f"signals (not accuracy) on {signals['samples']} samples: mean top probability "
+                  f"{b['mean_max_probability']:.1%} → {a['mean_max_probability']:.1%}, entropy {b['mean_entropy']:.3f} → "
+                  f"{a['mean_entropy']:.3f} nats, {signals['changed_argmax']:.1%} of predictions changed", highlight=False)
+    elif signals:
+        out.print(f"signals (not accuracy) on {signals['samples']} samples: output shift {signals['output_shift']:.3f} σ, "
+                  f"spread ratio {signals['output_std_ratio']:.3f}", highlight=False)
+    if report.check:
+        c = report.check
+        out.print(f"check on {c['samples']} labelled samples: {c['metric']} {c['before']:.4f} → {c['after']:.4f}",
+                  highlight=False)
 
 
 def print_images(report: Report) -> None:

@@ -32,14 +32,17 @@ JobId = Annotated[str, typer.Argument(help="The job's id (from 'bnfold jobs list
 AsJson = Annotated[bool, typer.Option("--json", help="Print the service's JSON instead.")]
 
 
-def recalibrate_remote(server: str, model: Path, samples: Path, options: JobOptions, quiet: bool) -> Result:
+def recalibrate_remote(server: str, model: Path, samples: Path, options: JobOptions, quiet: bool,
+                       check_samples: Path | None = None, check_labels: Path | None = None) -> Result:
     """The job `bnfold recalibrate` would run here, run by the service; returns its model and report."""
     with _client(server) as client, progress_bar(quiet) as callback:
         return client.recalibrate(model, samples, fold=options.fold, batch_size=options.batch_size,
                                   verify_samples=options.verify_samples, rtol=options.rtol, atol=options.atol,
                                   preprocess=options.preprocess,
                                   on_bad_image=None if options.on_bad_image == "fail" else options.on_bad_image,
-                                  progress=callback, **_int8(options))
+                                  progress=callback, prior=options.prior or None,
+                                  allow_worse=options.allow_worse or None, check_samples=check_samples,
+                                  check_labels=check_labels, **_int8(options))
 
 
 def _int8(options: JobOptions) -> dict:

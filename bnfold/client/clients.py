@@ -162,6 +162,12 @@ class _Api:
         return report_from_dict(response.json())
 
     @endpoint
+    def report_html(self, job: JobRef, path: str | os.PathLike | None = None) -> Steps[bytes | Path]:
+        """The report as one self-contained HTML page; with ``path``, saved there (atomically)."""
+        response = yield from self._request("GET", _job_path(job, "/report.html"))
+        return _saved(response.content, path)
+
+    @endpoint
     def cancel(self, job: JobRef) -> Steps[Job | None]:
         """Cancel a queued/running job (returned, now cancelled); an ended job is deleted (None)."""
         response = yield from self._request("DELETE", _job_path(job))

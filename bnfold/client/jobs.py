@@ -95,12 +95,17 @@ class Result:
             write_atomic(Path(report), self.report.to_json().encode())
 
 
+_OPTIONAL_ARRAYS = ("stderr_mean", "stderr_var", "target_mean", "target_var")  # None or per-channel arrays
+
+
 def report_from_dict(data: dict[str, Any]) -> Report:
     """Rebuild a `Report` from `Report.to_dict()` output (``totals`` is derived, so dropped)."""
     layers = [
         LayerReport(
-            **{k: v for k, v in layer.items() if k not in ("old_mean", "old_var", "new_mean", "new_var", "shift")},
+            **{k: v for k, v in layer.items()
+               if k not in ("old_mean", "old_var", "new_mean", "new_var", "shift", *_OPTIONAL_ARRAYS)},
             **{k: np.asarray(layer[k], dtype=np.float64) for k in ("old_mean", "old_var", "new_mean", "new_var")},
+            **{k: np.asarray(layer[k], dtype=np.float64) for k in _OPTIONAL_ARRAYS if layer.get(k) is not None},
             shift=ShiftScore(**layer["shift"]),
         )
         for layer in data.get("layers", [])

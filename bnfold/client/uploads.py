@@ -31,7 +31,7 @@ from typing import IO, Any, Union
 import numpy as np
 import onnx
 
-from bnfold.errors import InvalidModel, InvalidSamples
+from bnfold.errors import InvalidModel, InvalidOptions, InvalidSamples
 
 ModelSource = Union[str, os.PathLike, bytes, IO[bytes], onnx.ModelProto]
 SamplesSource = Union[str, os.PathLike, bytes, IO[bytes], np.ndarray, Mapping[str, np.ndarray]]
@@ -73,6 +73,15 @@ class SubmitOptions:
     quantize_method: str | None = None  # calibration: 'minmax', 'entropy' or 'percentile'
     min_agreement: float | None = None  # INT8 gate: least top-1 agreement with the float model
     min_cosine: float | None = None  # INT8 gate: least cosine similarity of every output
+    prior: float | None = None  # source-prior weight in samples (0/None: off)
+    allow_worse: bool | None = None  # keep a result whose labelled check got worse
+    # A labelled check scored before and after (paths, bytes or arrays); a worse score fails the job.
+    check_samples: SamplesSource | None = dataclasses.field(default=None, metadata={"part": lambda v: samples_part(v)})
+    check_labels: SamplesSource | None = dataclasses.field(default=None, metadata={"part": lambda v: samples_part(v)})
+
+    def __post_init__(self) -> None:
+        if (self.check_samples is None) != (self.check_labels is None):
+            raise InvalidOptions("give both check_samples and check_labels (or neither)")
 
     def options_json(self) -> str:
         return json.dumps({f.name: getattr(self, f.name) for f in dataclasses.fields(self)

@@ -33,7 +33,7 @@ from bnfold.demo.lab import N_CALIBRATION, accuracy, build_demo_model, make_new_
 from bnfold.engine.recalibrate import recalibrate
 from bnfold.inputs.preprocess import PreprocessSpec, write_spec
 from bnfold.pipeline import JobOptions, recalibrate_files
-from bnfold.report import RECOMMENDED_MIN_SAMPLES, Report
+from bnfold.report import Report
 
 # How the lab's 8-bit grey image files become the model's input: pixel / 255 gives the [0, 1] range the
 # model was built on (8-bit quantisation aside), one channel, NCHW. Carried in model.onnx's metadata.
@@ -163,11 +163,9 @@ def _print(console: Console, demo: DemoResult, report: Report) -> None:
     layer_warnings = [f"{layer.name}: {w}" for layer in report.layers for w in layer.warnings]
     for warning in dict.fromkeys(report.warnings + layer_warnings):  # de-duplicated, in order
         console.print(f"[yellow]warning:[/yellow] {warning}")
-    if report.warnings and report.samples < RECOMMENDED_MIN_SAMPLES:
-        # Expected here: digits has only 1797 images. Spatial positions pool into each channel, so the
-        # statistics are still well determined (in this demo, 50 images already give the same accuracy).
-        fewest = min(layer.count for layer in report.layers)
-        console.print(f"[dim](expected: the digits data set is small; each channel still pools ≥ {fewest:,} values)[/dim]")
+    enough = "enough" if report.samples_sufficient else "too few"
+    console.print(f"[dim]{report.samples} samples: {enough} for standard errors ≤ 2 % of σ; "
+                  f"about {report.samples_recommended} recommended (estimated from how the images differ)[/dim]")
 
     gain = 100 * (demo.after_accuracy - demo.before_accuracy)
     console.print(

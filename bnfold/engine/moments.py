@@ -118,3 +118,36 @@ class Moments:
         mean_shifted = s1 / per_channel
         m2 = np.maximum(s2 - s1 * mean_shifted, 0.0)
         return cls(per_channel, shift[0, :, 0] + mean_shifted, m2)
+
+
+def per_sample_moments(x: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample, per-channel mean of (x − K) and of (x − K)², float64 arrays of shape (N, C).
+
+    x: (N, C, ...) any float dtype; shift K: float64 (C,). The between-sample spread of these is
+    what `engine.uncertainty` turns into standard errors; the shift keeps the squares from
+    cancelling when |mean| ≫ std. Reuses the C kernel one sample at a time when it is built."""
+    if x.ndim < 2:
+        raise ValueError(f"expected a tensor of shape (N, C, ...), got shape {x.shape}")
+    n, channels = x.shape[:2]
+    rows = np.ascontiguousarray(x).reshape(n, channels, -1)  # (N, C, L)
+    length = max(rows.shape[2], 1)
+    k = np.asarray(shift, np.float64).reshape(1, channels, 1)
+    s1, s2 = np.empty((n, channels)), np.empty((n, channels))
+    per_sample = channels * rows.shape[2]
+    if _kernel is not None and per_sample >= _BLOCK_ELEMENTS // 16:  # big samples: one fast kernel call each
+
+        def sample_range(lo: int, hi: int) -> None:
+            for i in range(lo, hi):
+                s1[i], s2[i] = _shifted_sums(rows[i : i + 1], k)
+
+        # like Moments.of: large batches are split by samples over a few threads (the kernel releases the GIL)
+        parts = min(_THREADS, max(1, rows.size // _PARALLEL_ELEMENTS), n)
+        bounds = np.linspace(0, n, parts + 1).astype(int)
+        list(_pool().map(sample_range, bounds[:-1], bounds[1:]))
+        return s1 / length, s2 / length
+    step = max(1, _BLOCK_ELEMENTS // max(1, per_sample))  # small samples: vectorised over a block of them
+    for start in range(0, n, step):
+        part = np.subtract(rows[start : start + step], k, dtype=np.float64)
+        s1[start : start + step] = part.sum(axis=2)
+        s2[start : start + step] = np.einsum("ncl,ncl->nc", part, part)
+    return s1 / length, s2 / length

@@ -27,11 +27,14 @@ from onnx import numpy_helper
 import bnfold.onnx_graph as og
 from bnfold.engine import plan as g
 from bnfold.engine.moments import Moments
+from bnfold.engine import prior as source_prior
+from bnfold.engine.prior import check_prior, mix
 from bnfold.engine.store import TensorStore
+from bnfold.engine.uncertainty import SampleStream, assess
 from bnfold.errors import InvalidOptions, UnsupportedModel, plural
 from bnfold.inputs.arrays import Samples, iter_batches, model_inputs
 from bnfold.inputs.model import check_model
-from bnfold.report import RECOMMENDED_MIN_SAMPLES, LayerReport, Report, shift_score
+from bnfold.report import LayerReport, Report, shift_score
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
 
@@ -56,6 +59,7 @@ def recalibrate(
     providers: Sequence[str] | None = None,
     threads: int = 0,
     progress: Progress | None = None,
+    prior: float = 0.0,
 ) -> RecalibrationResult:
     """Recompute every BN's running mean/var on `samples` (exact fixed point, float64).
 
@@ -66,9 +70,13 @@ def recalibrate(
     providers: ONNX Runtime execution providers (default: CPU).
     threads: ONNX Runtime intra-op threads (0: one per core), e.g. to share cores between jobs.
     progress: called as progress(description, fraction in [0, 1]).
+    prior: weight N of the model's own (source) statistics, in samples (Schneider et al. 2020):
+        each BN gets μ = (N·μ_src + n·μ_tgt)/(N + n) and likewise the variance, mixed before any
+        BN downstream is measured. 0 (default): target statistics only. See `engine.prior`.
     """
     if memory_budget < 0:
         raise InvalidOptions(f"memory_budget must be ≥ 0 bytes, got {memory_budget}")
+    check_prior(prior)
     if threads < 0:
         raise InvalidOptions(f"threads must be ≥ 0 (0: one per core), got {threads}")
     started = time.perf_counter()
@@ -79,6 +87,7 @@ def recalibrate(
     plan = g.plan_stages(work, batchnorms)
     runner = _StageRunner(work, plan, providers, threads, progress)
     runner.expected_samples = _expected_samples(samples)
+    runner.prior = float(prior)
     with TensorStore(memory_budget, spill_dir) as store:
         batches = iter_batches(samples, model_inputs(work), batch_size)
         runner.run(batches, store, batchnorms)
@@ -100,11 +109,13 @@ class _StageRunner:
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
         self.progress = progress or (lambda description, fraction: None)
         self.moments: dict[str, Moments] = {}
+        self.between: dict[str, SampleStream] = {}  # per-sample moments: standard errors, split-half
         self.overrides: dict[str, onnx.TensorProto] = {}  # BN mean/var tensors already measured
         self.stage_overrides: dict[str, onnx.TensorProto] = {}  # weights of BNs run as 1×1 convs
         self.replacements: dict[int, onnx.NodeProto] = {}
         self.types: dict[str, tuple[int, int]] = {}  # tensor -> (onnx elem type, rank)
         self.samples = 0
+        self.prior = 0.0  # source-prior weight N (engine.prior); 0: target statistics only
         self.batches = 0
         self.expected_samples: int | None = None  # known up front for arrays: progress within stage 0
         self.timings: dict[str, float] = {"onnxruntime": 0.0, "statistics": 0.0, "store": 0.0}
@@ -149,6 +160,7 @@ class _StageRunner:
             batch_moments = Moments.of(values[x] if x in values else feeds[x])
             previous = self.moments[x]
             self.moments[x] = batch_moments if previous is None else previous.merge(batch_moments)
+            self.between.setdefault(x, SampleStream()).add(values[x] if x in values else feeds[x])
         t2 = time.perf_counter()
         for name, value in values.items():
             self.types.setdefault(name, _type_of(value))
@@ -178,12 +190,14 @@ class _StageRunner:
         constants = og.constant_tensors(self.model.graph)
         for bn in level:
             moments = self.moments[bn.x]
-            for name, value in ((bn.mean, moments.mean), (bn.var, moments.var)):
+            source = [numpy_helper.to_array(constants[t]) for t in (bn.mean, bn.var)]
+            mean, var = mix(self.prior, self.samples, *source, moments.mean, moments.var)
+            for name, value in ((bn.mean, mean), (bn.var, var)):
                 dtype = onnx.helper.tensor_dtype_to_np_dtype(constants[name].data_type)
                 self.overrides[name] = numpy_helper.from_array(value.astype(dtype), name)
-            self._run_as_conv(bn, constants, moments)
+            self._run_as_conv(bn, constants, mean, var)
 
-    def _run_as_conv(self, bn: g.BatchNorm, constants, moments: Moments) -> None:
+    def _run_as_conv(self, bn: g.BatchNorm, constants, mean: np.ndarray, var: np.ndarray) -> None:
         """Let later stages run this BN as a depthwise 1×1 Conv computing the same y = a·x + b.
 
         Why: a stage starts at a cut, so ORT sees a lone BN on a stage input and runs it (and the
@@ -195,8 +209,8 @@ class _StageRunner:
         if elem_type != onnx.TensorProto.FLOAT or rank < 3:
             return
         scale, bias = (numpy_helper.to_array(constants[t]).astype(np.float64) for t in (bn.scale, bn.bias))
-        a = scale / np.sqrt(moments.var + bn.epsilon)
-        b = bias - moments.mean * a
+        a = scale / np.sqrt(var + bn.epsilon)
+        b = bias - mean * a
         weight, shift = f"bnfold::{bn.index}::weight", f"bnfold::{bn.index}::bias"
         kernel = [1] * (rank - 2)
         self.stage_overrides[weight] = numpy_helper.from_array(a.reshape(-1, 1, *kernel).astype(np.float32), weight)
@@ -313,21 +327,26 @@ def _result(work, batchnorms, plan, runner: _StageRunner, notes) -> Recalibratio
                 "samples (dead or constant channels): their BN output is dominated by epsilon"
             )
         old_mean, old_var = constants[bn.mean].astype(np.float64), constants[bn.var].astype(np.float64)
+        new_mean, new_var = mix(runner.prior, runner.samples, old_mean, old_var, moments.mean, moments.var)
         layers.append(
             LayerReport(
                 name=bn.name, input=bn.x, level=plan.levels[bn.name], channels=bn.channels,
                 count=moments.count, epsilon=bn.epsilon, old_mean=old_mean, old_var=old_var,
-                new_mean=moments.mean, new_var=moments.var,
-                shift=shift_score(old_mean, old_var, moments.mean, moments.var, bn.epsilon),
+                new_mean=new_mean, new_var=new_var,
+                shift=shift_score(old_mean, old_var, new_mean, new_var, bn.epsilon),
                 warnings=warnings,
+                **({"target_mean": moments.mean, "target_var": moments.var} if runner.prior else {}),
             )
         )
-    if runner.samples < RECOMMENDED_MIN_SAMPLES:
-        notes.append(
-            f"only {plural(runner.samples, 'sample')}: population statistics are noisy below about "
-            f"{RECOMMENDED_MIN_SAMPLES} (PreciseBN recommends 10^3–10^4 samples)"
-        )
-    report = Report(samples=runner.samples, batches=runner.batches, layers=layers, timings=runner.timings, warnings=notes)
+    certainty = assess([(bn.name, runner.between[bn.x], runner.moments[bn.x].var, bn.epsilon) for bn in batchnorms],
+                       runner.samples)
+    for layer, (stderr_mean, stderr_var) in zip(layers, certainty.stderr):
+        layer.stderr_mean, layer.stderr_var = stderr_mean, stderr_var
+    report = Report(samples=runner.samples, batches=runner.batches, layers=layers, timings=runner.timings,
+                    warnings=notes + certainty.warnings, samples_recommended=certainty.samples_recommended,
+                    samples_sufficient=certainty.samples_sufficient)
+    report.extra["uncertainty"] = certainty.summary()
+    report.extra["statistics"] = source_prior.summary(runner.prior, runner.samples)
     return RecalibrationResult(_write_statistics(work, runner.overrides), report)
 
 

@@ -112,7 +112,7 @@ def test_delete_of_a_finished_job_removes_it_and_its_files(server):
 def test_inputs_are_removed_once_a_job_ends(server):
     with server.client() as client:
         job = submit(client, wait=20).json()
-    assert sorted(p.name for p in (server.data_dir / "jobs" / job["id"]).iterdir()) == ["report.json", "result.onnx"]
+    assert sorted(p.name for p in (server.data_dir / "jobs" / job["id"]).iterdir()) == ["report.html", "report.json", "result.onnx"]
 
 
 def test_listing_is_paginated_and_per_key(server):

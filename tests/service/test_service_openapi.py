@@ -6,7 +6,7 @@ import yaml
 
 from service.openapi import DEFAULT_PATH, render
 
-OPERATIONS = {"createJob", "listJobs", "getJob", "getJobModel", "getJobReport", "deleteJob", "health", "ready",
+OPERATIONS = {"createJob", "listJobs", "getJob", "getJobModel", "getJobReport", "getJobReportHtml", "deleteJob", "health", "ready",
               "metrics", "getInfo"}
 
 

@@ -22,8 +22,9 @@ from bnfold.pipeline import JobOptions, precheck
 from ... import crud
 from ...db import FINAL, JobRow, utcnow
 from ...errors import InvalidRequest, NotReady, PayloadTooLarge, ServiceError, problem_responses, validation_errors
+from ...job import write_report_page
 from ...schemas import Job, JobList, JobOptionsIn, JobState
-from ...storage import REPORT_FILE, RESULT_FILE, Limits, Storage, Upload, receive_upload
+from ...storage import REPORT_FILE, REPORT_HTML_FILE, RESULT_FILE, Limits, Storage, Upload, check_paths, receive_upload
 from ..deps import MetricsDep, Owner, SessionDep, SettingsDep, StorageDep, SupervisorDep
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -46,6 +47,14 @@ UPLOAD_BODY = {
                                            ".tar / .tar.gz / .tar.bz2 / .tar.xz archive of PNG, JPEG, BMP or TIFF "
                                            "images (single-input models; see options.preprocess)."},
                 "options": {"$ref": "#/components/schemas/JobOptionsIn"},
+                "check_samples": {"type": "string", "format": "binary",
+                                  "description": "Optional, with check_labels: a few labelled samples (.npy, or .npz "
+                                                 "by input name) scored before and after; a worse score fails the "
+                                                 "job unless options.allow_worse."},
+                "check_labels": {"type": "string", "format": "binary",
+                                 "description": "Optional, with check_samples: .npy of integer class indices (N,), or "
+                                                "per-pixel masks (N, H, W) for segmentation (mean IoU); negative = "
+                                                "ignore."},
             },
         },
         "encoding": {"options": {"contentType": "application/json"}},
@@ -146,6 +155,28 @@ def get_job_report(job_id: str, owner: Owner, session: SessionDep, storage: Stor
     return FileResponse(path, media_type="application/json")
 
 
+@router.get(
+    "/{job_id}/report.html", operation_id="getJobReportHtml", response_class=FileResponse,
+    responses={
+        200: {"description": "The report as one self-contained HTML page: per-layer shifts with their uncertainty, "
+                             "before/after signals and the labelled check, the fold fates (plots embedded, no network).",
+              "content": {"text/html": {"schema": {"type": "string"}}}},
+        **problem_responses(401, 404, 409, 422),
+    },
+)
+async def get_job_report_html(job_id: str, owner: Owner, session: SessionDep, storage: StorageDep,
+                              metrics: MetricsDep) -> Response:
+    """The HTML page of a succeeded job's report (made from report.json if the job did not leave one)."""
+    row = _succeeded(await to_thread.run_sync(crud.get_job, session, job_id, owner))
+    path = storage.job_dir(row.id) / REPORT_HTML_FILE
+    if not path.is_file():
+        report = json.loads(_artifact(storage, row, REPORT_FILE).read_text())
+        await to_thread.run_sync(write_report_page, storage.job_dir(row.id), report)
+    page = _artifact(storage, row, REPORT_HTML_FILE)
+    metrics.bytes_out.labels("report").inc(page.stat().st_size)
+    return FileResponse(page, media_type="text/html; charset=utf-8")
+
+
 @router.delete(
     "/{job_id}", operation_id="deleteJob", response_model=Job,
     responses={200: {"description": "The job was queued or running: it is now cancelled and its files deleted."},
@@ -186,7 +217,8 @@ def to_resource(row: JobRow, storage: Storage, with_report: bool = False) -> Job
                     "running_s": _seconds(row.started_at, row.finished_at or now) if row.started_at else None},
         "inputs": {"model": {"filename": row.model_filename, "bytes": row.model_bytes},
                    "samples": {"filename": row.samples_filename, "bytes": row.samples_bytes}},
-        "result": {"model_url": f"{url}/model", "report_url": f"{url}/report", "model_sha256": row.result_sha256,
+        "result": {"model_url": f"{url}/model", "report_url": f"{url}/report", "report_html_url": f"{url}/report.html",
+                   "model_sha256": row.result_sha256,
                    "model_bytes": row.result_bytes} if row.state == "succeeded" else None,
         "report": report, "error": row.error if row.state == "failed" else None,
     })
@@ -202,7 +234,9 @@ async def _receive_checked(request: Request, directory, settings, metrics) -> tu
         options = _parse_options(upload.options)
         # the core's own checks (InvalidOptions → 422), then the first batch as the job will read it
         checked = JobOptions(**options, image_limits=ImageLimits(**settings.image_limits()))
-        await to_thread.run_sync(functools.partial(precheck, upload.model_path, upload.samples_path, options=checked))
+        check_samples, check_labels = check_paths(upload.directory)
+        await to_thread.run_sync(functools.partial(precheck, upload.model_path, upload.samples_path, options=checked,
+                                                   check_samples=check_samples, check_labels=check_labels))
         return upload, options
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
