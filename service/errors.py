@@ -90,9 +90,13 @@ class QueueFull(ServiceError):
 
 
 class Unavailable(ServiceError):
-    """The job store or the worker supervisor is not usable right now. HTTP 503."""
+    """The job store or the worker supervisor is not usable right now, or the server is shutting
+    down. HTTP 503, with ``Retry-After`` (seconds) when retrying soon is likely to work."""
 
     status, title = 503, "Service unavailable"
+
+    def __init__(self, detail: str, *, retry_after: int | None = None):
+        super().__init__(detail, headers={"Retry-After": str(retry_after)} if retry_after else None)
 
 
 def problem(status: int, title: str, detail: str, *, kind: str | None = None, field: str | None = None,
@@ -111,6 +115,8 @@ def problem_for(exc: BaseException) -> dict[str, Any]:
     """The problem body for a core or service exception (anything else: a generic 500)."""
     if isinstance(exc, BnfoldError):
         return problem(exc.status, exc.title, exc.message, kind=_slug(type(exc).__name__), field=exc.field)
+    if isinstance(exc, ServiceError) and getattr(exc, "body", None):  # a problem made elsewhere (a child process)
+        return dict(exc.body)
     if isinstance(exc, ServiceError):
         return problem(exc.status, exc.title, exc.detail, kind=_slug(type(exc).__name__), field=exc.field,
                        errors=getattr(exc, "errors", None))
@@ -134,6 +140,7 @@ def problem_responses(*statuses: int) -> dict[int, dict[str, Any]]:
     headers = {
         401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
         429: {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}},
+        503: {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}},
     }
     responses: dict[int, dict[str, Any]] = {}
     for status in statuses:

@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+import unicodedata
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -119,6 +120,16 @@ class Storage:
             return False
 
 
+def safe_filename(name: str) -> str | None:
+    """A client's file name as it may be stored and sent back (Content-Disposition): its last path
+    component without control, format (bidi overrides such as U+202E, zero-width) or line-separator
+    characters, at most 255 characters; None when nothing is left."""
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    kept = "".join(c for c in name if unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
+    kept = kept.strip().lstrip(".")[:255]
+    return kept or None
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, fsync, rename: readers see all of it or nothing."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -206,7 +217,7 @@ class _Sink:
             raise InvalidRequest(f"part '{name}' appears twice", field=name)
         self.name, self.sizes[name] = name, 0
         filename = params.get(b"filename")
-        self.filenames[name] = os.path.basename(filename.decode("utf-8", "replace"))[:255] if filename else None
+        self.filenames[name] = safe_filename(filename.decode("utf-8", "replace")) if filename else None
         if name == "options":
             self.options = bytearray()
         else:

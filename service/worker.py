@@ -74,7 +74,7 @@ class JobSupervisor:
 
     def start(self) -> None:
         if self.ctx.get_start_method() == "forkserver":
-            self.ctx.set_forkserver_preload(sorted({"service.job", self.target.__module__}))
+            self.ctx.set_forkserver_preload(sorted({"service.job", "service.precheck", self.target.__module__}))
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:

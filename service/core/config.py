@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     max_image_decoded_bytes: ByteSize = Field(ByteSize(512 * 2**20), ge=1,
                                               description="One decoded TIFF, all channels (max_image_bytes).")
     max_total_pixels: int = Field(2**34, ge=1, description="All images of one job together (max_total_pixels).")
+    precheck_timeout: float = Field(120.0, gt=0, description="Seconds the up-front check of an upload may take "
+                                    "(in its own process) before the upload is refused (422).")
     stale_after: float = Field(60.0, gt=0, description="A running job whose server sent no heartbeat this long is re-queued.")
     log_level: str = "info"
 

@@ -4,27 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import functools
 import json
 import shutil
 import time
 import uuid
 from typing import Annotated, Any
 
-from anyio import to_thread
+import anyio
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
 
-from bnfold.inputs.images import ImageLimits
-from bnfold.pipeline import JobOptions, precheck
+from bnfold.pipeline import JobOptions
 
 from ... import crud
 from ...db import FINAL, JobRow, utcnow
-from ...errors import InvalidRequest, NotReady, PayloadTooLarge, ServiceError, problem_responses, validation_errors
+from ...errors import (InvalidRequest, NotReady, PayloadTooLarge, ServiceError, Unavailable, problem_responses,
+                       validation_errors)
+from ...precheck import SHUTDOWN_RETRY_AFTER, shutting_down
 from ...schemas import Job, JobList, JobOptionsIn, JobState
-from ...storage import REPORT_FILE, RESULT_FILE, Limits, Storage, Upload, receive_upload
-from ..deps import MetricsDep, Owner, SessionDep, SettingsDep, StorageDep, SupervisorDep
+from ...storage import REPORT_FILE, RESULT_FILE, Limits, Storage, Upload, receive_upload, safe_filename
+from ..deps import DatabaseDep, MetricsDep, Owner, SettingsDep, StorageDep, SupervisorDep
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 MULTIPART_OVERHEAD = 1 << 20  # headers, boundaries and the options part, on top of the two files
@@ -59,50 +59,61 @@ UPLOAD_BODY = {
         200: {"model": Job, "description": "The job finished within ?wait seconds."},
         202: {"description": "Queued (or still running when ?wait ran out).",
               "headers": {"Location": {"description": "URL of the job.", "schema": {"type": "string"}}}},
-        **problem_responses(401, 413, 415, 422, 429),
+        **problem_responses(401, 413, 415, 422, 429, 503),
     },
 )
 async def create_job(
-    request: Request, owner: Owner, settings: SettingsDep, session: SessionDep, storage: StorageDep,
+    request: Request, owner: Owner, settings: SettingsDep, database: DatabaseDep, storage: StorageDep,
     supervisor: SupervisorDep, metrics: MetricsDep,
     wait: Annotated[float | None, Query(ge=0, le=3600, description=WAIT_DOC)] = None,
 ) -> Response:
-    """Upload a model and samples; the job is checked (422 for unusable input) and queued."""
-    await to_thread.run_sync(crud.check_capacity, session, settings.max_queued_jobs, settings.workers)
+    """Upload a model and samples; the job is checked (422 for unusable input) and queued.
+
+    Either the job is admitted and this answers 200/202 with it, or nothing is left behind: a
+    refusal (4xx, 503) removes the upload, and no error after admission hides an admitted job."""
+    draining: asyncio.Event = request.app.state.draining
+    await database.run(crud.check_capacity, settings.max_queued_jobs, settings.workers)
     _refuse_oversized_body(request, settings)
     job_id = uuid.uuid4().hex
-    upload, options = await _receive_checked(request, storage.new_upload_dir(job_id), settings, metrics)
+    upload, options = await _receive_checked(request, storage.new_upload_dir(job_id), settings, metrics, draining)
     row = _new_row(job_id, owner, upload, options)
     try:
+        if draining.is_set():
+            raise shutting_down()
         storage.admit(upload, job_id)
-        await to_thread.run_sync(crud.admit_job, session, row, settings.max_queued_jobs, settings.workers)
+        # shielded: a client that disconnects now must not leave a row committed behind our back
+        with anyio.CancelScope(shield=True):
+            await database.run(crud.admit_job, row, settings.max_queued_jobs, settings.workers)
     except BaseException:
         storage.remove_job(job_id)
         raise
     supervisor.wake()
+    retry = {}
     if wait:
-        row = await _wait_until_final(session, row, min(wait, settings.max_wait))
+        row, interrupted = await _wait_until_final(database, row, min(wait, settings.max_wait), draining)
+        if interrupted:  # admitted: answer 202 (poll Location later), never a status that invites a re-POST
+            retry = {"Retry-After": str(SHUTDOWN_RETRY_AFTER)}
     status = 200 if row.state in FINAL else 202
     body = to_resource(row, storage, with_report=status == 200).model_dump(mode="json")
-    return JSONResponse(body, status_code=status, headers={"Location": body["url"]})
+    return JSONResponse(body, status_code=status, headers={"Location": body["url"], **retry})
 
 
 @router.get("", operation_id="listJobs", response_model=JobList, responses=problem_responses(401, 422))
-def list_jobs(
-    owner: Owner, session: SessionDep, storage: StorageDep,
+async def list_jobs(
+    owner: Owner, database: DatabaseDep, storage: StorageDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=512, description="next_cursor of the previous page.")] = None,
     state: Annotated[JobState | None, Query()] = None,
 ) -> JobList:
     """This API key's jobs, newest first."""
-    page = crud.list_jobs(session, owner, limit, cursor, state)
+    page = await database.run(crud.list_jobs, owner, limit, cursor, state)
     return JobList(items=[to_resource(row, storage) for row in page.rows], next_cursor=page.next_cursor)
 
 
 @router.get("/{job_id}", operation_id="getJob", response_model=Job, responses=problem_responses(401, 404, 422))
-def get_job(job_id: str, owner: Owner, session: SessionDep, storage: StorageDep) -> Job:
+async def get_job(job_id: str, owner: Owner, database: DatabaseDep, storage: StorageDep) -> Job:
     """State, progress, timings; the report when it succeeded, the error when it failed."""
-    return to_resource(crud.get_job(session, job_id, owner), storage, with_report=True)
+    return to_resource(await database.run(crud.get_job, job_id, owner), storage, with_report=True)
 
 
 @router.get(
@@ -115,17 +126,17 @@ def get_job(job_id: str, owner: Owner, session: SessionDep, storage: StorageDep)
         **problem_responses(401, 404, 409, 422),
     },
 )
-def get_job_model(
-    job_id: str, owner: Owner, session: SessionDep, storage: StorageDep, metrics: MetricsDep,
+async def get_job_model(
+    job_id: str, owner: Owner, database: DatabaseDep, storage: StorageDep, metrics: MetricsDep,
     if_none_match: Annotated[str | None, Header(max_length=1024)] = None,
 ) -> Response:
     """Download the result; ETag is the sha256 of the file."""
-    row = _succeeded(crud.get_job(session, job_id, owner))
+    row = _succeeded(await database.run(crud.get_job, job_id, owner))
     etag = f'"{row.result_sha256}"'
     if if_none_match and (if_none_match.strip() == "*" or etag in [t.strip() for t in if_none_match.split(",")]):
         return Response(status_code=304, headers={"ETag": etag})
     metrics.bytes_out.labels("model").inc(row.result_bytes or 0)
-    filename = (row.model_filename or "model.onnx").rsplit(".", 1)[0] + ".bnfold.onnx"
+    filename = (safe_filename(row.model_filename or "") or "model.onnx").rsplit(".", 1)[0] + ".bnfold.onnx"
     return FileResponse(_artifact(storage, row, RESULT_FILE), media_type="application/octet-stream", filename=filename,
                         headers={"ETag": etag, "Cache-Control": "private, no-cache"})
 
@@ -138,9 +149,10 @@ def get_job_model(
         **problem_responses(401, 404, 409, 422),
     },
 )
-def get_job_report(job_id: str, owner: Owner, session: SessionDep, storage: StorageDep, metrics: MetricsDep) -> Response:
+async def get_job_report(job_id: str, owner: Owner, database: DatabaseDep, storage: StorageDep,
+                         metrics: MetricsDep) -> Response:
     """The JSON report of a succeeded job."""
-    row = _succeeded(crud.get_job(session, job_id, owner))
+    row = _succeeded(await database.run(crud.get_job, job_id, owner))
     path = _artifact(storage, row, REPORT_FILE)
     metrics.bytes_out.labels("report").inc(path.stat().st_size)
     return FileResponse(path, media_type="application/json")
@@ -152,12 +164,11 @@ def get_job_report(job_id: str, owner: Owner, session: SessionDep, storage: Stor
                204: {"description": "The job had already ended: it and its files are deleted."},
                **problem_responses(401, 404, 422)},
 )
-def delete_job(job_id: str, owner: Owner, session: SessionDep, storage: StorageDep, supervisor: SupervisorDep) -> Response:
+async def delete_job(job_id: str, owner: Owner, database: DatabaseDep, storage: StorageDep,
+                     supervisor: SupervisorDep) -> Response:
     """Cancel a queued or running job (its process is stopped within a second), or delete an ended one."""
-    row = crud.get_job(session, job_id, owner)
-    previous = crud.cancel_job(session, row)
+    row, previous = await database.run(crud.cancel_or_delete_job, job_id, owner)
     if previous is None:
-        crud.delete_job(session, row)
         storage.remove_job(row.id)
         return Response(status_code=204)
     if previous == "queued":
@@ -192,17 +203,18 @@ def to_resource(row: JobRow, storage: Storage, with_report: bool = False) -> Job
     })
 
 
-async def _receive_checked(request: Request, directory, settings, metrics) -> tuple[Upload, dict[str, Any]]:
-    """Stream the upload to disk, parse the options, and run the core's cheap precheck (in a thread)."""
+async def _receive_checked(request: Request, directory, settings, metrics, draining) -> tuple[Upload, dict[str, Any]]:
+    """Stream the upload to disk, parse the options, and run the core's precheck in a child process
+    (`service.precheck`): nothing of the upload's content is parsed or decoded in this process."""
     try:
         limits = Limits(int(settings.max_model_bytes), int(settings.max_samples_bytes))
         upload = await receive_upload(request.stream(), request.headers.get("content-type"), directory, limits)
         metrics.bytes_in.labels("model").inc(upload.model_bytes)
         metrics.bytes_in.labels("samples").inc(upload.samples_bytes)
         options = _parse_options(upload.options)
-        # the core's own checks (InvalidOptions → 422), then the first batch as the job will read it
-        checked = JobOptions(**options, image_limits=ImageLimits(**settings.image_limits()))
-        await to_thread.run_sync(functools.partial(precheck, upload.model_path, upload.samples_path, options=checked))
+        JobOptions(**options)  # the core's own option checks (InvalidOptions → 422), cheap
+        await request.app.state.prechecker.check(directory, upload.model_path, upload.samples_path, options,
+                                                 settings.image_limits(), draining)
         return upload, options
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
@@ -236,13 +248,21 @@ def _new_row(job_id: str, owner: str, upload: Upload, options: dict[str, Any]) -
     )
 
 
-async def _wait_until_final(session, row: JobRow, seconds: float) -> JobRow:
-    deadline, pause = time.monotonic() + seconds, 0.02
+async def _wait_until_final(database, row: JobRow, seconds: float, draining: asyncio.Event) -> tuple[JobRow, bool]:
+    """The row once final or after `seconds`; True if the wait was cut short by a shutdown. The job is
+    admitted already: a store that does not answer meanwhile only leaves the last state seen."""
+    deadline, pause = time.monotonic() + seconds, 0.05
     while row.state not in FINAL and time.monotonic() < deadline:
-        await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-        pause = min(0.25, pause * 1.5)
-        row = await to_thread.run_sync(crud.reload_job, session, row.id) or row
-    return row
+        with anyio.move_on_after(min(pause, max(0.0, deadline - time.monotonic()))):
+            await draining.wait()
+        if draining.is_set():
+            return row, True
+        pause = min(0.5, pause * 1.5)
+        try:
+            row = await database.run(crud.reload_job, row.id) or row
+        except Unavailable:
+            pass
+    return row, False
 
 
 def _succeeded(row: JobRow) -> JobRow:
