@@ -43,7 +43,8 @@ class JobOptions:
     on_bad_image: 'fail' or 'skip' an unreadable/mismatched image; image_limits: decoding bounds.
     Where and how fast, never what (kept out of the provenance): spill_dir: folder for the cut
     tensors beyond memory_budget (None: the system's temporary folder); threads: ONNX Runtime
-    intra-op threads for recalibration and verification (0: one per core)."""
+    intra-op threads for recalibration and verification (0: one per core); disk_budget: bytes the spilled
+    tensors may take on disk (None: unbounded; past it `DiskBudgetExceeded`)."""
 
     fold: bool = True
     batch_size: int = 64
@@ -56,6 +57,7 @@ class JobOptions:
     image_limits: ImageLimits | None = None
     spill_dir: str | os.PathLike | None = None
     threads: int = 0
+    disk_budget: int | None = None
 
     def __post_init__(self) -> None:
         if self.on_bad_image not in ("fail", "skip"):
@@ -104,6 +106,7 @@ def recalibrate_files(
         result = recalibrate(
             model, samples, batch_size=options.batch_size, memory_budget=options.memory_budget,
             spill_dir=None if options.spill_dir is None else os.fspath(options.spill_dir), threads=options.threads,
+            disk_budget=options.disk_budget,
             progress=progress,
         )
         if images is not None:
@@ -181,7 +184,7 @@ def _stamp(model: onnx.ModelProto, spec_json: str | None, **entries) -> None:
 
 def _provenance_options(options: JobOptions) -> dict[str, Any]:
     """The options that decide the result; spill_dir and threads do not (and a server's paths stay private)."""
-    return {k: v for k, v in dataclasses.asdict(options).items() if k not in ("spill_dir", "threads")}
+    return {k: v for k, v in dataclasses.asdict(options).items() if k not in ("spill_dir", "threads", "disk_budget")}
 
 
 @contextlib.contextmanager

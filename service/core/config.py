@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -38,6 +39,8 @@ class Settings(BaseSettings):
     max_model_bytes: ByteSize = Field(ByteSize(512 * 2**20), ge=1)
     max_samples_bytes: ByteSize = Field(ByteSize(2 * 2**30), ge=1, description="Also bounds an .npz's unpacked size.")
     job_memory_budget: ByteSize = Field(ByteSize(512 * 2**20), ge=0, description="RAM a job keeps between BN levels.")
+    job_disk_budget: ByteSize | None = Field(None, ge=0, description="Disk a job's spilled tensors may take; default: "
+                                             "half the data directory's free space shared by the workers, when the job starts.")
     job_threads: int | None = Field(None, ge=1, le=1024, description="ONNX Runtime threads per job; default: "
                                     "usable cores // workers, at least 1 (see resolved_job_threads).")
     # image samples (bnfold.inputs.images.ImageLimits), checked before anything is decoded
@@ -93,6 +96,14 @@ class Settings(BaseSettings):
             return self.job_threads
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         return max(1, cores // self.workers)
+
+    def resolved_job_disk_budget(self) -> int:
+        """BNFOLD_JOB_DISK_BUDGET, else half of the free space under data_dir now, shared by the workers:
+        concurrent jobs cannot fill the disk that results, uploads and the database live on."""
+        if self.job_disk_budget is not None:
+            return int(self.job_disk_budget)
+        free = shutil.disk_usage(self.data_dir if self.data_dir.exists() else Path.cwd()).free
+        return free // (2 * self.workers)
 
     def image_limits(self) -> dict[str, int]:
         """Keyword arguments of `bnfold.inputs.images.ImageLimits` (kept a plain dict: no bnfold import here)."""
