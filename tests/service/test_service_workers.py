@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import time
 
 import pytest
 from service_helpers import Server, pid_gone, submit, wait_for
@@ -149,3 +150,24 @@ def test_restarts_keep_results_requeue_interrupted_jobs_and_give_up_after_two_at
     finally:
         srv.release()
         srv.stop()
+
+
+def test_a_killed_forkserver_does_not_fail_a_job_whose_process_still_runs(held):
+    """kill -9 of the forkserver: its children live on, but multiprocessing reports them ended (255).
+    The job used to be failed while its process kept running; now it is followed until it ends."""
+    psutil = pytest.importorskip("psutil")
+    with held.client() as client:
+        job, pid = start_held_job(held, client)
+        forkserver = psutil.Process(pid).parent()
+        assert "forkserver" in " ".join(forkserver.cmdline())
+        forkserver.kill()
+        assert pid_gone(forkserver.pid)  # a zombie until the server reaps it
+        time.sleep(1.5)  # several supervisor ticks
+        assert client.get(job["url"]).json()["state"] == "running"
+        assert psutil.pid_exists(pid)
+        held.release()
+        done = wait_for(client, job["id"])
+        assert done["state"] == "succeeded", done
+        assert done["attempts"] == 1
+        assert submit(client, wait=20).json()["state"] == "succeeded"  # a new forkserver serves new jobs
+        assert client.get("/readyz").status_code == 200
