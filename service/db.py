@@ -66,7 +66,7 @@ def make_engine(url: str) -> Engine:
     thread that may hold a connection at once (`Database` lets ROUTE_CONNECTIONS requests query at a
     time, readiness READY_CONNECTIONS, plus the supervisor and a metrics scrape), so no query waits
     for a connection; a database that does not answer fails a request in POOL_TIMEOUT s (503)."""
-    pool = dict(pool_size=ROUTE_CONNECTIONS + READY_CONNECTIONS + 2, max_overflow=2, pool_timeout=POOL_TIMEOUT)
+    pool = {"pool_size": ROUTE_CONNECTIONS + READY_CONNECTIONS + 2, "max_overflow": 2, "pool_timeout": POOL_TIMEOUT}
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -115,7 +115,8 @@ class Database:
                                         abandon_on_cancel=ready)
 
     def call(self, fn, *args):
-        from sqlalchemy.exc import OperationalError, TimeoutError as PoolTimeout
+        from sqlalchemy.exc import OperationalError
+        from sqlalchemy.exc import TimeoutError as PoolTimeout
 
         from .errors import Unavailable
 

@@ -45,7 +45,7 @@ def check_main(model_path: str, samples_path: str, options: dict[str, Any], imag
         conn.send(errors.problem_for(exc))
     except MemoryError:
         conn.send(_too_costly("it ran out of memory"))
-    except Exception as exc:  # a bug in bnfold: a generic 500 for the client, the traceback for the log
+    except Exception as exc:  # noqa: BLE001 - a bug in bnfold: a generic 500 for the client, the traceback for the log
         conn.send({**errors.problem_for(exc), "_traceback": traceback.format_exc(), "_error": repr(exc)[:300]})
     finally:
         conn.close()

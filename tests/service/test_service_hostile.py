@@ -18,7 +18,14 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper
-from service_helpers import Server, npy_bytes, samples_array, submit, tiny_model, wait_for
+from service_helpers import (
+    Server,
+    npy_bytes,
+    samples_array,
+    submit,
+    tiny_model,
+    wait_for,
+)
 
 PROBLEM = "application/problem+json"
 
@@ -164,7 +171,6 @@ def test_the_upload_check_unpacks_archives_under_the_data_directory(tmp_path, mo
     the system's temporary folder (a tmpfs in the compose file). Run in-process to see where."""
     pytest.importorskip("PIL")
     import multiprocessing
-
     import tarfile
 
     from service.precheck import SCRATCH, check_main
