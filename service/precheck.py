@@ -90,6 +90,7 @@ class Prechecker:
         reader, writer = self.ctx.Pipe(duplex=False)
         process = self.ctx.Process(target=check_main, name="bnfold-precheck", daemon=True,
                                    args=(str(model_path), str(samples_path), options, image_limits, str(scratch), writer))
+        outcome = "not started"
         try:
             await to_thread.run_sync(process.start)  # a round trip to the forkserver: not on the event loop
             writer.close()
@@ -107,10 +108,13 @@ class Prechecker:
                 return _too_costly(why)
         finally:
             writer.close()
-            if process.is_alive():
-                process.kill()
             if process.pid is not None:
-                await to_thread.run_sync(process.join, 5)
+                if outcome != "ready":  # timed out, shutting down, or this request was cancelled
+                    process.kill()
+                await to_thread.run_sync(process.join, 5)  # after an answer the child is exiting anyway
+                if process.is_alive():
+                    process.kill()
+                    await to_thread.run_sync(process.join, 5)
             reader.close()
 
 

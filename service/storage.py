@@ -116,6 +116,10 @@ class Storage:
         os.replace(upload.directory, self.job_dir(job_id))
         upload.directory = self.job_dir(job_id)
 
+    def remove_upload(self, upload: Upload) -> None:
+        """An upload that was not admitted (or whose admission failed), wherever it is now."""
+        self._discard(upload.directory)
+
     def remove_job(self, job_id: str) -> None:
         self._discard(self.job_dir(job_id))
 

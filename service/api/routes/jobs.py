@@ -76,17 +76,11 @@ async def create_job(
     _refuse_oversized_body(request, settings)
     job_id = uuid.uuid4().hex
     upload, options = await _receive_checked(request, storage.new_upload_dir(job_id), settings, metrics, draining)
+    if draining.is_set():
+        storage.remove_upload(upload)
+        raise shutting_down()
     row = _new_row(job_id, owner, upload, options)
-    try:
-        if draining.is_set():
-            raise shutting_down()
-        storage.admit(upload, job_id)
-        # shielded: a client that disconnects now must not leave a row committed behind our back
-        with anyio.CancelScope(shield=True):
-            await database.run(crud.admit_job, row, settings.max_queued_jobs, settings.workers)
-    except BaseException:
-        storage.remove_job(job_id)
-        raise
+    await database.run(_admit, storage, upload, row, settings)
     supervisor.wake()
     retry = {}
     if wait:
@@ -218,6 +212,17 @@ async def _receive_checked(request: Request, directory, settings, metrics, drain
         return upload, options
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def _admit(session, storage: Storage, upload: Upload, row: JobRow, settings) -> None:
+    """Move the upload into jobs/ and insert its row, or undo the move: all in one worker thread,
+    so a request cancelled meanwhile (client gone, shutdown) still ends with both or neither."""
+    storage.admit(upload, row.id)
+    try:
+        crud.admit_job(session, row, settings.max_queued_jobs, settings.workers)
+    except BaseException:
+        storage.remove_upload(upload)
         raise
 
 
