@@ -85,3 +85,36 @@ def test_forty_concurrent_waiting_submissions(loaded_server):
     worst = max(s for _, _, s in probe.results)
     print(f"\n{len(probe.results)} probes, slowest {worst:.3f} s; statuses {statuses[0]}..{statuses[-1]}")
     assert not slow, slow
+
+
+def test_slow_uploads_hold_no_database_connection(loaded_server):
+    """20 clients that send half an upload and stall (16 exhausted the pool of 15 before): readiness
+    still answers at once and other clients still submit; the stalled uploads leave nothing behind."""
+    import socket
+
+    from service_helpers import KEY_A
+
+    boundary = "stall"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"; filename=\"m.onnx\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + b"\x08" * 1000
+    request = (f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY_A}\r\n"
+               f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: 100000\r\n\r\n").encode()
+    stalled = []
+    try:
+        for _ in range(20):
+            sock = socket.create_connection(("127.0.0.1", loaded_server.port), timeout=10)
+            sock.sendall(request + head)
+            stalled.append(sock)
+        time.sleep(1.0)  # every stalled request has reached the handler and its first query
+        with loaded_server.client() as client:
+            start = time.monotonic()
+            assert client.get("/readyz").status_code == 200
+            assert time.monotonic() - start < PROBE_LIMIT_S
+            assert submit(client, wait=30).json()["state"] == "succeeded"
+    finally:
+        for sock in stalled:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while list((loaded_server.data_dir / "incoming").iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list((loaded_server.data_dir / "incoming").iterdir()) == []
