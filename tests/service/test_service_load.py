@@ -23,7 +23,11 @@ PROBE_LIMIT_S = 2.0
 
 @pytest.fixture(scope="module")
 def loaded_server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("load") / "data", env={"BNFOLD_MAX_QUEUED_JOBS": "64", "BNFOLD_MAX_WAIT": "60"})
+    # TMPDIR: its own empty folder, to see that the server writes nothing to the system's temporary folder
+    system_tmp = tmp_path_factory.mktemp("system-tmp")
+    srv = Server(tmp_path_factory.mktemp("load") / "data", env={"BNFOLD_MAX_QUEUED_JOBS": "64", "BNFOLD_MAX_WAIT": "60",
+                                                                "TMPDIR": str(system_tmp)})
+    srv.system_tmp = system_tmp
     srv.start()
     try:
         yield srv
@@ -79,6 +83,11 @@ def test_forty_concurrent_waiting_submissions(loaded_server):
     assert [job["state"] for job in finished] == ["succeeded"] * CONCURRENT
     assert sorted(job["id"] for job in listed) == sorted(job["id"] for job in accepted)  # none lost, none extra
     assert all(job["attempts"] == 1 for job in finished)
+    # Scratch stays under the data directory. Two fixed, tiny entries are not the service's own:
+    # `import onnxruntime` writes a 51-byte session id ".ses" to $TMPDIR, and multiprocessing keeps
+    # the forkserver's Unix socket in a "pymp-*" folder (removed at exit).
+    foreign = [p.name for p in loaded_server.system_tmp.iterdir() if p.name != ".ses" and not p.name.startswith("pymp-")]
+    assert foreign == []
 
     assert probe.results, "the probe never ran"
     slow = [(path, status, round(s, 2)) for path, status, s in probe.results if status != 200 or s > PROBE_LIMIT_S]
