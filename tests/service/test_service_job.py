@@ -69,3 +69,46 @@ def test_a_store_that_does_not_answer_is_503_with_retry_after_never_500(tmp_path
         database.call(lambda session: session.execute(text("SELECT 1")))
     assert problem_for(info.value)["status"] == 503 and int(info.value.headers["Retry-After"]) >= 1
     assert str(tmp_path) not in problem_for(info.value)["detail"]
+
+
+def _prechecker_run(tmp_path, timeout: float, draining: bool = False):
+    import asyncio
+
+    from service.precheck import Prechecker
+
+    (tmp_path / "model.onnx").write_bytes(tiny_model())
+    np.save(tmp_path / "samples.npy", samples_array())
+
+    async def main():
+        stop = asyncio.Event()
+        if draining:
+            asyncio.get_running_loop().call_later(0.05, stop.set)
+        checker = Prechecker(mp.get_context("spawn"), slots=1, timeout=timeout)
+        await checker.check(tmp_path, tmp_path / "model.onnx", tmp_path / "samples.npy", {}, {}, stop)
+
+    return asyncio.run(main())
+
+
+def test_the_precheck_process_answers_and_leaves_no_scratch(tmp_path):
+    assert _prechecker_run(tmp_path, timeout=120) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "samples.npy"]
+
+
+def test_a_precheck_past_its_timeout_refuses_the_upload(tmp_path):
+    import pytest
+
+    from service.precheck import PrecheckRefused
+
+    with pytest.raises(PrecheckRefused) as info:  # a spawned interpreter alone takes longer than 10 ms
+        _prechecker_run(tmp_path, timeout=0.01)
+    assert info.value.status == 422 and "BNFOLD_PRECHECK_TIMEOUT" in info.value.detail
+
+
+def test_a_shutdown_stops_the_precheck_with_a_retryable_503(tmp_path):
+    import pytest
+
+    from service.errors import Unavailable
+
+    with pytest.raises(Unavailable) as info:
+        _prechecker_run(tmp_path, timeout=120, draining=True)
+    assert int(info.value.headers["Retry-After"]) >= 1
