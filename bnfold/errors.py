@@ -57,6 +57,16 @@ class InvalidOptions(BnfoldError):
         super().__init__(message, field="options")
 
 
+class DiskBudgetExceeded(BnfoldError):
+    """The job would write more to disk than its budget allows (cut tensors spilled beyond the
+    memory budget). HTTP 422: fewer or smaller samples fit; the message names the limit."""
+
+    title = "Disk budget exceeded"
+
+    def __init__(self, message: str):
+        super().__init__(message, field="samples")
+
+
 class VerificationFailed(BnfoldError):
     """The folded model does not match the unfolded one within tolerance; nothing is written. HTTP 422."""
 

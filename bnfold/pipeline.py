@@ -53,7 +53,8 @@ class JobOptions:
     on_bad_image: 'fail' or 'skip' an unreadable/mismatched image; image_limits: decoding bounds.
     Where and how fast, never what (kept out of the provenance): spill_dir: folder for the cut
     tensors beyond memory_budget (None: the system's temporary folder); threads: ONNX Runtime
-    intra-op threads for recalibration and verification (0: one per core).
+    intra-op threads for recalibration and verification (0: one per core); disk_budget: bytes the spilled
+    tensors may take on disk (None: unbounded; past it `DiskBudgetExceeded`).
     INT8 (`bnfold.quantize`): quantize: None, or 'int8' to quantize the folded model statically,
     calibrated on the same samples (needs fold); quantize_method: 'minmax', 'entropy' or 'percentile';
     min_agreement / min_cosine: the agreement gate's thresholds (top-1 agreement of classifier-like
@@ -74,6 +75,7 @@ class JobOptions:
     image_limits: ImageLimits | None = None
     spill_dir: str | os.PathLike | None = None
     threads: int = 0
+    disk_budget: int | None = None
     quantize: str | None = None
     quantize_method: str = "minmax"
     min_agreement: float = DEFAULT_MIN_AGREEMENT
@@ -161,6 +163,7 @@ def recalibrate_files(
         result = recalibrate(
             model, samples, batch_size=options.batch_size, memory_budget=options.memory_budget,
             spill_dir=None if options.spill_dir is None else os.fspath(options.spill_dir), threads=options.threads,
+            disk_budget=options.disk_budget,
             progress=progress, prior=options.prior,
         )
         if images is not None:
@@ -270,7 +273,7 @@ def _stamp(model: onnx.ModelProto, spec_json: str | None, **entries) -> None:
 
 def _provenance_options(options: JobOptions) -> dict[str, Any]:
     """The options that decide the result; spill_dir and threads do not (and a server's paths stay private)."""
-    dropped = {"spill_dir", "threads"} | (set() if options.quantize else set(_INT8_FIELDS))  # a float job: as before INT8
+    dropped = {"spill_dir", "threads", "disk_budget"} | (set() if options.quantize else set(_INT8_FIELDS))  # a float job: as before INT8
     return {k: v for k, v in dataclasses.asdict(options).items() if k not in dropped}
 
 

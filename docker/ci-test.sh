@@ -94,7 +94,7 @@ check_data_volume() {  # CID: HOME and caches are not in /data; /data holds only
     case "$home" in /data|/data/*|"") fail "HOME is '$home': caches would go to the data volume";; esac
     listing=$(podman exec "$1" ls -A /data) || fail "podman exec ${1:0:12} failed: cannot list /data"
     grep -qx jobs <<<"$listing" || fail "/data has no jobs/: is the service using another directory? ($listing)"
-    stray=$(grep -Evx 'jobs|incoming|jobs\.sqlite3(-wal|-shm|-journal)?' <<<"$listing" || true)
+    stray=$(grep -Evx 'jobs|incoming|trash|jobs\.sqlite3(-wal|-shm|-journal)?' <<<"$listing" || true)
     [ -z "$stray" ] || fail "/data holds files that are not the service's: $(tr '\n' ' ' <<<"$stray")"
     echo "HOME=$home; /data holds only $(tr '\n' ' ' <<<"$listing")"
 }

@@ -112,6 +112,16 @@ def delete_job(session: Session, row: JobRow) -> None:
     session.commit()
 
 
+def cancel_or_delete_job(session: Session, job_id: str, owner: str) -> tuple[JobRow, str | None]:
+    """DELETE /v1/jobs/{id} in one session: cancel a queued/running job (returns the state it had), or
+    delete an ended one (returns None)."""
+    row = get_job(session, job_id, owner)
+    previous = cancel_job(session, row)
+    if previous is None:
+        delete_job(session, row)
+    return row, previous
+
+
 def counts_by_state(session: Session) -> dict[str, int]:
     counts = dict(session.execute(select(JobRow.state, func.count()).group_by(JobRow.state)).all())
     return {state: int(counts.get(state, 0)) for state in STATES}

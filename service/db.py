@@ -62,12 +62,16 @@ class JobRow(Base):
 
 def make_engine(url: str) -> Engine:
     """Engine with the table created. SQLite gets WAL and a busy timeout so API threads, the
-    supervisor thread and a restarted server can share the file."""
+    supervisor thread and a restarted server can share the file. The pool has room for every
+    thread that may hold a connection at once (`Database` lets ROUTE_CONNECTIONS requests query at a
+    time, readiness READY_CONNECTIONS, plus the supervisor and a metrics scrape), so no query waits
+    for a connection; a database that does not answer fails a request in POOL_TIMEOUT s (503)."""
+    pool = {"pool_size": ROUTE_CONNECTIONS + READY_CONNECTIONS + 2, "max_overflow": 2, "pool_timeout": POOL_TIMEOUT}
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
-        engine = create_engine(url, pool_pre_ping=True)
+        engine = create_engine(url, pool_pre_ping=True, **pool)
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             # Replicas starting together would all see no table and all CREATE it (DuplicateTable):
@@ -79,6 +83,49 @@ def make_engine(url: str) -> Engine:
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+#: requests that may run queries at the same time (each in a worker thread, one connection each)
+ROUTE_CONNECTIONS = 8
+READY_CONNECTIONS = 2
+POOL_TIMEOUT = 5.0
+RETRY_AFTER = 2  # seconds a client is told to wait when the job store does not answer
+
+
+class Database:
+    """Queries for the routes, each in its own short session: a connection is held while `run`
+    executes one function's queries, never while a request uploads, prechecks or waits.
+
+    `run(fn, *args)` calls ``fn(session, *args)`` in a worker thread, at most ROUTE_CONNECTIONS at
+    a time (others wait in the event loop, holding nothing). A store that is busy past its timeouts
+    or unreachable becomes `Unavailable` (503 + Retry-After), never a 500."""
+
+    def __init__(self, sessions: sessionmaker):
+        import anyio
+
+        self.sessions = sessions
+        self._routes = anyio.CapacityLimiter(ROUTE_CONNECTIONS)
+        self._ready = anyio.CapacityLimiter(READY_CONNECTIONS)  # readiness is never queued behind requests
+
+    async def run(self, fn, *args, ready: bool = False):
+        from anyio import to_thread
+
+        # readiness gives up on a hung store (fail_after) without waiting for the thread to return
+        return await to_thread.run_sync(self.call, fn, *args, limiter=self._ready if ready else self._routes,
+                                        abandon_on_cancel=ready)
+
+    def call(self, fn, *args):
+        from sqlalchemy.exc import OperationalError
+        from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+        from .errors import Unavailable
+
+        try:
+            with self.sessions() as session:
+                return fn(session, *args)
+        except (PoolTimeout, OperationalError) as exc:
+            raise Unavailable(f"the job store did not answer ({type(exc).__name__}); retry in a few seconds",
+                              retry_after=RETRY_AFTER) from None
 
 
 def _sqlite_pragmas(connection, _record) -> None:

@@ -90,20 +90,42 @@ class QueueFull(ServiceError):
 
 
 class Unavailable(ServiceError):
-    """The job store or the worker supervisor is not usable right now. HTTP 503."""
+    """The job store or the worker supervisor is not usable right now, or the server is shutting
+    down. HTTP 503, with ``Retry-After`` (seconds) when retrying soon is likely to work."""
 
     status, title = 503, "Service unavailable"
+
+    def __init__(self, detail: str, *, retry_after: int | None = None):
+        super().__init__(detail, headers={"Retry-After": str(retry_after)} if retry_after else None)
+
+
+MAX_DETAIL = 1000  # characters of a detail (or of one entry of errors); a client's input can make messages long
+MAX_FIELD = 200
+MAX_ERRORS = 20
+# an absolute path (the server's data directory, a library's install path): only its last component is the client's
+_PATH = re.compile(r"(?<![\w.~:/])(?:/[^\s'\"/:,;()\[\]{}<>]+)+/([^\s'\"/:,;()\[\]{}<>]*)")
+_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+
+
+def clean(text: str, limit: int = MAX_DETAIL) -> str:
+    """What a message may tell a client: no server paths (their last component stays), no Python
+    object reprs, no control or bidi characters, at most `limit` characters."""
+    text = _UNPRINTABLE.sub("", _REPR.sub(r"<\1>", _PATH.sub(r"\1", str(text))))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def problem(status: int, title: str, detail: str, *, kind: str | None = None, field: str | None = None,
             errors: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """A problem body; every text in it is `clean`ed, so this is the one place messages are bounded."""
     body: dict[str, Any] = {
-        "type": f"urn:bnfold:problem:{kind or _slug(title)}", "title": title, "status": status, "detail": detail,
+        "type": f"urn:bnfold:problem:{kind or _slug(title)}", "title": title, "status": status, "detail": clean(detail),
     }
     if field is not None:
-        body["field"] = field
+        body["field"] = clean(field, MAX_FIELD)
     if errors:
-        body["errors"] = errors
+        body["errors"] = [{"field": clean(e["field"], MAX_FIELD), "message": clean(e["message"])}
+                          for e in errors[:MAX_ERRORS]]
     return body
 
 
@@ -111,6 +133,8 @@ def problem_for(exc: BaseException) -> dict[str, Any]:
     """The problem body for a core or service exception (anything else: a generic 500)."""
     if isinstance(exc, BnfoldError):
         return problem(exc.status, exc.title, exc.message, kind=_slug(type(exc).__name__), field=exc.field)
+    if isinstance(exc, ServiceError) and getattr(exc, "body", None):  # a problem made elsewhere (a child process)
+        return dict(exc.body)
     if isinstance(exc, ServiceError):
         return problem(exc.status, exc.title, exc.detail, kind=_slug(type(exc).__name__), field=exc.field,
                        errors=getattr(exc, "errors", None))
@@ -134,6 +158,7 @@ def problem_responses(*statuses: int) -> dict[int, dict[str, Any]]:
     headers = {
         401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
         429: {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}},
+        503: {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}},
     }
     responses: dict[int, dict[str, Any]] = {}
     for status in statuses:

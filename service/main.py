@@ -8,9 +8,11 @@ supervisor come up in the app's lifespan (so generating the OpenAPI file touches
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
+import signal
 import sys
 import tempfile
 from collections.abc import Callable
@@ -24,14 +26,18 @@ from pydantic import SecretStr
 from . import errors
 from .api.routes import health, info, jobs
 from .core.config import ConfigError, Settings, is_loopback
-from .db import make_engine, make_sessionmaker
+from .db import Database, make_engine, make_sessionmaker
 from .job import run_job
 from .logs import RequestContext, logging_config
 from .metrics import Metrics
+from .precheck import Prechecker
 from .storage import Storage
 from .worker import JobSupervisor
 
 API_VERSION = "1.0"
+#: seconds uvicorn waits for open requests on SIGTERM (waits end at once; uploads may take this long)
+#: before stopping the supervisor: together well inside a container's default grace period of 10 s
+GRACEFUL_SHUTDOWN = 5
 log = logging.getLogger("bnfold.service")
 
 
@@ -47,15 +53,20 @@ def create_app(settings: Settings, *, job_target: Callable = run_job) -> FastAPI
         storage.prepare()
         engine = make_engine(settings.resolved_database_url)
         sessions = make_sessionmaker(engine)
-        app.state.storage, app.state.sessions = storage, sessions
+        app.state.storage, app.state.database = storage, Database(sessions)
         app.state.metrics = Metrics(sessions)
         app.state.supervisor = JobSupervisor(settings, sessions, storage, app.state.metrics, job_target)
         app.state.supervisor.start()
+        app.state.prechecker = Prechecker(app.state.supervisor.ctx, slots=settings.workers,
+                                          timeout=settings.precheck_timeout)
+        app.state.draining = asyncio.Event()
+        _drain_on_signals(app.state.draining)
         log.info("bnfold service started", extra={"data_dir": str(storage.root), "workers": settings.workers,
                                                   "database": engine.url.render_as_string(hide_password=True)})
         try:
             yield
         finally:
+            app.state.draining.set()
             await to_thread.run_sync(app.state.supervisor.stop)
             engine.dispose()
 
@@ -71,6 +82,27 @@ def create_app(settings: Settings, *, job_target: Callable = run_job) -> FastAPI
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)
     return app
+
+
+def _drain_on_signals(draining: asyncio.Event) -> None:
+    """On SIGTERM/SIGINT, set `draining` at once, then let the server's own handler (uvicorn's)
+    begin its graceful shutdown: open ``?wait=`` requests answer right away instead of holding the
+    shutdown past a container's grace period (10 s), and uploads not yet admitted get 503.
+    Without a handler to chain to (not the main thread, no server handler), nothing is installed."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous = signal.getsignal(sig)
+            if not callable(previous):
+                continue
+
+            def handler(signum, frame, previous=previous):
+                loop.call_soon_threadsafe(draining.set)
+                previous(signum, frame)
+
+            signal.signal(sig, handler)
+        except ValueError:  # signal.signal works in the main thread only
+            return
 
 
 def _openapi(app: FastAPI) -> dict:
@@ -137,4 +169,4 @@ def serve(host: str = "127.0.0.1", port: int = 8000, settings: Settings | None =
         print(f"bnfold: BNFOLD_API_KEYS is not set; this run (loopback only) accepts the generated key:\n"
               f"API key: {key}", file=sys.stdout, flush=True)
     uvicorn.run(create_app(settings), host=host, port=port, log_config=logging_config(settings.log_level),
-                access_log=False, timeout_graceful_shutdown=10)
+                access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN)

@@ -24,9 +24,10 @@ Preprocess = Annotated[
 
 
 class JobOptionsIn(BaseModel):
-    """The ``options`` part of POST /v1/jobs (JSON). Every field is optional."""
+    """The ``options`` part of POST /v1/jobs (JSON). Every field is optional. Strict: ``true`` is not
+    a batch size, ``"1"`` not a boolean."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     fold: bool = Field(True, description="Fold BN into neighbouring layers (false: only BN mean/var change).")
     batch_size: int = Field(64, ge=1, le=65536, description="Samples per inference call (speed/memory only).")

@@ -4,6 +4,12 @@
     <data_dir>/jobs/<job id>/       model.onnx, samples.<kind> (inputs, removed when the job ends),
                                     spill/ (the job's cut tensors beyond its memory budget),
                                     result.onnx, report.json (written atomically by the job process)
+    <data_dir>/trash/               files being deleted: moved here at once (one rename), then removed
+                                    by a background thread, so neither a request nor the supervisor
+                                    waits for gigabytes of spilled tensors to be unlinked
+
+The service writes nothing outside the data directory: an upload's check unpacks into
+incoming/<job id>/scratch, a job's temporary files go to its spill/.
 
 The samples file is named by its content, never by the client's file name: samples.npy,
 samples.npz (a zip of .npy arrays), or an archive of images — samples.zip, samples.tar,
@@ -23,7 +29,10 @@ import dataclasses
 import os
 import shutil
 import tempfile
+import threading
 import time
+import unicodedata
+import uuid
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -85,14 +94,18 @@ class Storage:
         self.root = Path(root).resolve()
         self.jobs = self.root / "jobs"
         self.incoming = self.root / "incoming"
+        self.trash = self.root / "trash"
 
     def prepare(self, stale_incoming_after: float = 3600.0) -> None:
         """Create the layout; drop uploads that were being received when a server died."""
         self.jobs.mkdir(parents=True, exist_ok=True)
         self.incoming.mkdir(parents=True, exist_ok=True)
+        self.trash.mkdir(parents=True, exist_ok=True)
         for entry in self.incoming.iterdir():
             if time.time() - entry.stat().st_mtime > stale_incoming_after:
-                shutil.rmtree(entry, ignore_errors=True)
+                self._discard(entry)
+        for entry in self.trash.iterdir():  # deletions a previous server did not finish
+            _delete_later(entry)
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs / job_id
@@ -106,13 +119,27 @@ class Storage:
         os.replace(upload.directory, self.job_dir(job_id))
         upload.directory = self.job_dir(job_id)
 
+    def remove_upload(self, upload: Upload) -> None:
+        """An upload that was not admitted (or whose admission failed), wherever it is now."""
+        self._discard(upload.directory)
+
     def remove_job(self, job_id: str) -> None:
-        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+        self._discard(self.job_dir(job_id))
 
     def remove_inputs(self, job_id: str) -> None:
-        for name in (MODEL_FILE, *SAMPLES_FILES, *CHECK_FILES):
-            (self.job_dir(job_id) / name).unlink(missing_ok=True)
-        shutil.rmtree(self.job_dir(job_id) / "spill", ignore_errors=True)
+        for name in (MODEL_FILE, *SAMPLES_FILES, *CHECK_FILES, "spill"):
+            self._discard(self.job_dir(job_id) / name)
+
+    def _discard(self, path: Path) -> None:
+        """Make `path` disappear now (a rename into trash/) and delete it in the background."""
+        target = self.trash / f"{path.parent.name}-{path.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.replace(path, target)
+        except FileNotFoundError:
+            return
+        except OSError:  # e.g. trash/ is gone: delete in place, still off this thread
+            target = path
+        _delete_later(target)
 
     def writable(self) -> bool:
         try:
@@ -120,6 +147,26 @@ class Storage:
                 return True
         except OSError:
             return False
+
+
+def safe_filename(name: str) -> str | None:
+    """A client's file name as it may be stored and sent back (Content-Disposition): its last path
+    component without control, format (bidi overrides such as U+202E, zero-width) or line-separator
+    characters, at most 255 characters; None when nothing is left."""
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    kept = "".join(c for c in name if unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
+    kept = kept.strip().lstrip(".")[:255]
+    return kept or None
+
+
+def _delete_later(path: Path) -> None:
+    def delete() -> None:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+    threading.Thread(target=delete, name="bnfold-delete", daemon=True).start()
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -211,7 +258,7 @@ class _Sink:
             raise InvalidRequest(f"part '{name}' appears twice", field=name)
         self.name, self.sizes[name] = name, 0
         filename = params.get(b"filename")
-        self.filenames[name] = os.path.basename(filename.decode("utf-8", "replace"))[:255] if filename else None
+        self.filenames[name] = safe_filename(filename.decode("utf-8", "replace")) if filename else None
         if name == "options":
             self.options = bytearray()
         else:

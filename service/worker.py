@@ -12,6 +12,10 @@ forkserver does not exist, from spawn. One loop, woken by child messages, child 
 * a job cancelled (or deleted) through the API, or taken over by another replica, has its child
   killed; a cancelled job's files are deleted;
 * every few seconds: heartbeat on the rows it runs, and recovery of rows whose server is gone.
+* if the forkserver dies (kill -9), its children live on but `multiprocessing` reports them ended
+  (exit status 255): a child whose pid still runs is then followed by pid ("detached") until it
+  really ends, so its job is neither failed nor left running twice; new children come from a new
+  forkserver.
 On a graceful stop, running children are killed and their jobs re-queued (the attempt does not count).
 """
 
@@ -51,6 +55,7 @@ class _Running:
     started: float  # monotonic
     outcome: tuple[str, dict] | None = None
     kill_reason: str | None = None  # "timeout" | "cancelled" | "deleted" | "taken"
+    detached: bool = False  # its forkserver died: multiprocessing no longer knows it, its pid still runs
 
 
 class JobSupervisor:
@@ -74,7 +79,7 @@ class JobSupervisor:
 
     def start(self) -> None:
         if self.ctx.get_start_method() == "forkserver":
-            self.ctx.set_forkserver_preload(sorted({"service.job", self.target.__module__}))
+            self.ctx.set_forkserver_preload(sorted({"service.job", "service.precheck", self.target.__module__}))
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -83,8 +88,8 @@ class JobSupervisor:
         self._thread.join(timeout)
         with self.sessions() as session:
             for run in list(self.running.values()):
-                run.process.kill()
-                run.process.join(2)
+                _kill(run)
+                _join(run, 2)
                 crud.requeue(session, run.job_id, self.me, "re-queued: the server shut down", count_attempt=False)
                 run.conn.close()
                 run.keepalive.close()
@@ -123,7 +128,7 @@ class JobSupervisor:
                 self._stop.wait(1.0)
             self.last_tick = time.monotonic()
             handles = [self._wake_r, *(r.conn for r in self.running.values() if not r.conn.closed),
-                       *(r.process.sentinel for r in self.running.values())]
+                       *(r.process.sentinel for r in self.running.values() if not r.detached)]
             ready = mp.connection.wait(handles, timeout=IDLE_POLL)
             if self._wake_r in ready:
                 try:
@@ -135,7 +140,7 @@ class JobSupervisor:
         with self.sessions() as session:
             for run in list(self.running.values()):
                 self._read(session, run)
-                if not run.process.is_alive():
+                if not run.process.is_alive() and not self._still_running(run):
                     self._reap(session, run)
             self._enforce_timeouts()
             self._follow_database(session)
@@ -230,7 +235,9 @@ class JobSupervisor:
             detail = f"the job ran longer than {self.settings.job_timeout:g} s (BNFOLD_JOB_TIMEOUT) and was stopped"
             return "failed", dict(stage="failed", error=errors.problem(500, "Job timed out", detail, kind="job-timeout"))
         code = run.process.exitcode
-        if code is not None and code < 0:
+        if run.detached:
+            detail = "worker process ended without a result after its process server was killed"
+        elif code is not None and code < 0:
             sig = -code
             why = " — out of memory?" if sig == signal.SIGKILL else f", {_signal_name(sig)}"
             detail = f"worker process died (signal {sig}{why})"
@@ -243,7 +250,7 @@ class JobSupervisor:
         for run in self.running.values():
             if run.kill_reason is None and now - run.started > self.settings.job_timeout:
                 run.kill_reason = "timeout"
-                run.process.kill()
+                _kill(run)
 
     def _follow_database(self, session) -> None:
         """Kill children whose job was cancelled, deleted or taken over by another replica."""
@@ -255,13 +262,62 @@ class JobSupervisor:
             if state == "running" and owner == self.me.id:
                 continue
             run.kill_reason = state if state in ("cancelled", "deleted") else "taken"
-            run.process.kill()
+            _kill(run)
 
     def _recover(self, session) -> None:
         for job_id, state in crud.recover_orphans(session, self.me, _pid_alive, self.settings.stale_after):
             log.warning(f"orphaned job {state}", extra={"job_id": job_id})
             if state == "failed":
                 self.storage.remove_inputs(job_id)
+
+
+    def _still_running(self, run: _Running) -> bool:
+        """multiprocessing says the child ended, but is its pid still running? (Only when its forkserver
+        died: a child that really exited has been reaped by then, so its pid is gone.)"""
+        if not _pid_running(run.process.pid):
+            return False
+        if not run.detached:
+            run.detached = True
+            log.warning("the worker process server died; following the job's process by pid",
+                        extra={"job_id": run.job_id, "pid": run.process.pid})
+        return True
+
+
+def _kill(run: _Running) -> None:
+    if run.detached:  # multiprocessing would not signal a process it believes ended
+        try:
+            os.kill(run.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    else:
+        run.process.kill()
+
+
+def _join(run: _Running, timeout: float) -> None:
+    if not run.detached:
+        run.process.join(timeout)
+        return
+    deadline = time.monotonic() + timeout
+    while _pid_running(run.process.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _pid_running(pid: int | None) -> bool:
+    """The process exists and is not a zombie (one that is our child is reaped on the way)."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return _pid_alive(pid)  # no /proc: signal 0 (a zombie counts as running there)
+    if state != "Z":
+        return True
+    try:
+        os.waitpid(pid, os.WNOHANG)  # an orphan re-parented to us (we are PID 1 in a container)
+    except ChildProcessError:
+        pass
+    return False
 
 
 def _pid_alive(pid: int | None) -> bool:

@@ -56,6 +56,7 @@ def recalibrate(
     batch_size: int = 64,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     spill_dir: str | None = None,
+    disk_budget: int | None = None,
     providers: Sequence[str] | None = None,
     threads: int = 0,
     progress: Progress | None = None,
@@ -67,6 +68,8 @@ def recalibrate(
         iterable of such batches (read once, lazily). Float arrays are cast to the input's type.
     batch_size: samples per ONNX Runtime call (speed/memory only; results do not depend on it).
     memory_budget: bytes of cut tensors kept in RAM between stages before spilling to disk.
+    disk_budget: bytes those spilled tensors may take on disk at once (None: unbounded); past it,
+        `DiskBudgetExceeded`.
     providers: ONNX Runtime execution providers (default: CPU).
     threads: ONNX Runtime intra-op threads (0: one per core), e.g. to share cores between jobs.
     progress: called as progress(description, fraction in [0, 1]).
@@ -88,7 +91,7 @@ def recalibrate(
     runner = _StageRunner(work, plan, providers, threads, progress)
     runner.expected_samples = _expected_samples(samples)
     runner.prior = float(prior)
-    with TensorStore(memory_budget, spill_dir) as store:
+    with TensorStore(memory_budget, spill_dir, disk_budget=disk_budget) as store:
         batches = iter_batches(samples, model_inputs(work), batch_size)
         runner.run(batches, store, batchnorms)
         store_use = {"peak_bytes_in_memory": store.peak_bytes_in_memory, "bytes_spilled": store.bytes_spilled}

@@ -20,6 +20,7 @@ beyond its declared size, so a "zip bomb" costs time but never memory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import struct
 import zipfile
@@ -190,7 +191,11 @@ class LazyArray:
             raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
         if fortran_order or not self.shape:
             raise ValueError(f"{where} is Fortran-ordered or 0-d; save a C-order array of shape (N, ...)")
-        self._row = self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
+        if any(d < 0 for d in self.shape):
+            raise ValueError(f"{where} declares a negative dimension in its shape {self.shape}")
+        # Python ints, not np.prod: a header such as (10, 2**32, 2**32) must not wrap around to 0 bytes
+        # and slip past the size checks against the file (which then refuse it as truncated).
+        self._row = self.dtype.itemsize * math.prod(self.shape[1:])
 
     @property
     def nbytes(self) -> int:

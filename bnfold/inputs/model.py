@@ -12,11 +12,15 @@ import os
 import onnx
 from google.protobuf.message import DecodeError
 
-from bnfold.errors import InvalidModel
+from bnfold.errors import InvalidModel, UnsupportedModel
 from bnfold.onnx_graph import subgraphs
 
 #: protobuf cannot serialise a model above 2 GiB; larger ones need external data, which we refuse.
 MAX_MODEL_BYTES = 2 * 2**30
+#: operator domains ONNX Runtime's CPU build has kernels for (besides the standard "" / "ai.onnx" and a
+#: model's own local functions): a node from any other domain can only fail later, in the job.
+RUNTIME_DOMAINS = frozenset({"ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc", "com.microsoft.experimental",
+                             "ai.onnx.training", "ai.onnx.preview.training", "com.ms.internal.nhwc"})
 
 
 def load_model(source: str | os.PathLike | bytes) -> onnx.ModelProto:
@@ -32,6 +36,7 @@ def load_model(source: str | os.PathLike | bytes) -> onnx.ModelProto:
     if not model.HasField("graph") or not model.opset_import:
         raise InvalidModel("not an ONNX model (no graph or no opset_import); is this the right file?")
     check_model(model)
+    check_runnable(model)
     return model
 
 
@@ -70,3 +75,28 @@ def _all_tensors(graph: onnx.GraphProto):
         for sub in subgraphs(node):
             yield from _all_tensors(sub)
 
+
+
+def check_runnable(model: onnx.ModelProto) -> None:
+    """Refuse, before any job runs, what the checker lets through but ONNX Runtime cannot run: a
+    standard opset newer than this onnx release knows (e.g. 99), or nodes of an unknown custom domain."""
+    newest = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > newest:
+            raise UnsupportedModel(f"the model imports ONNX opset {opset.version}, but the newest this bnfold knows is "
+                                   f"{newest}; export it with opset {newest} or lower")
+    local = {function.domain for function in model.functions}
+    unknown = sorted(_node_domains(model.graph) - {"", "ai.onnx"} - RUNTIME_DOMAINS - local)
+    if unknown:
+        raise UnsupportedModel(f"the model uses operators of the custom domain(s) {unknown[:5]}, which ONNX Runtime "
+                               "has no kernels for; export with standard operators (or register the custom ops "
+                               "with the runtime and run bnfold as a library)")
+
+
+def _node_domains(graph: onnx.GraphProto) -> set[str]:
+    domains = set()
+    for node in graph.node:
+        domains.add(node.domain)
+        for sub in subgraphs(node):
+            domains |= _node_domains(sub)
+    return domains

@@ -34,7 +34,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bnfold.errors import InvalidModel, InvalidOptions
 
 METADATA_KEY = "bnfold.preprocess"
-Side = Annotated[int, Field(strict=True, ge=1)]
+#: Largest resize / center_crop side, and largest side an image may be resized to (an int resize
+#: sets the shorter side; the longer follows the aspect ratio): bounds the memory one image takes.
+MAX_SIDE = 8192
+Side = Annotated[int, Field(strict=True, ge=1, le=MAX_SIDE)]
 Size = Side | tuple[Side, Side]
 _LUMA = np.array([0.299, 0.587, 0.114])
 
@@ -292,6 +295,9 @@ def _resized_size(hw: tuple[int, int], size: int | tuple[int, int]) -> tuple[int
     h, w = hw
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = size, int(size * long / short)
+    if new_long > MAX_SIDE:
+        raise BadImage(f"is {h}×{w}: resizing its shorter side to {size} makes the longer {new_long} pixels, "
+                       f"above the limit of {MAX_SIDE}")
     return (new_long, new_short) if w <= h else (new_short, new_long)
 
 

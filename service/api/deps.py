@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session
 
 from ..core.config import Settings
+from ..db import Database
 from ..errors import Unauthorized
 from ..metrics import Metrics
 from ..storage import Storage
@@ -29,9 +28,9 @@ async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.sessions() as session:
-        yield session
+async def get_database(request: Request) -> Database:
+    """Queries in short sessions (`service.db.Database`): no route holds a connection for its whole life."""
+    return request.app.state.database
 
 
 async def get_storage(request: Request) -> Storage:
@@ -65,7 +64,7 @@ async def current_owner(
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionDep = Annotated[Session, Depends(get_session)]
+DatabaseDep = Annotated[Database, Depends(get_database)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 SupervisorDep = Annotated[JobSupervisor, Depends(get_supervisor)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]

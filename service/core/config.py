@@ -10,6 +10,7 @@ random key is generated and printed once; on any other address the server refuse
 from __future__ import annotations
 
 import ipaddress
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -39,6 +40,8 @@ class Settings(BaseSettings):
     max_model_bytes: ByteSize = Field(ByteSize(512 * 2**20), ge=1)
     max_samples_bytes: ByteSize = Field(ByteSize(2 * 2**30), ge=1, description="Also bounds an .npz's unpacked size.")
     job_memory_budget: ByteSize = Field(ByteSize(512 * 2**20), ge=0, description="RAM a job keeps between BN levels.")
+    job_disk_budget: ByteSize | None = Field(None, ge=0, description="Disk a job's spilled tensors may take; default: "
+                                             "half the data directory's free space shared by the workers, when the job starts.")
     job_threads: int | None = Field(None, ge=1, le=1024, description="ONNX Runtime threads per job; default: "
                                     "usable CPUs (affinity and cgroup CPU quota) // workers, at least 1 (see resolved_job_threads).")
     # image samples (bnfold.inputs.images.ImageLimits), checked before anything is decoded
@@ -50,6 +53,8 @@ class Settings(BaseSettings):
     max_image_decoded_bytes: ByteSize = Field(ByteSize(512 * 2**20), ge=1,
                                               description="One decoded TIFF, all channels (max_image_bytes).")
     max_total_pixels: int = Field(2**34, ge=1, description="All images of one job together (max_total_pixels).")
+    precheck_timeout: float = Field(120.0, gt=0, description="Seconds the up-front check of an upload may take "
+                                    "(in its own process) before the upload is refused (422).")
     stale_after: float = Field(60.0, gt=0, description="A running job whose server sent no heartbeat this long is re-queued.")
     log_level: str = "info"
 
@@ -92,6 +97,14 @@ class Settings(BaseSettings):
         if self.job_threads is not None:
             return self.job_threads
         return max(1, usable_cpus() // self.workers)
+
+    def resolved_job_disk_budget(self) -> int:
+        """BNFOLD_JOB_DISK_BUDGET, else half of the free space under data_dir now, shared by the workers:
+        concurrent jobs cannot fill the disk that results, uploads and the database live on."""
+        if self.job_disk_budget is not None:
+            return int(self.job_disk_budget)
+        free = shutil.disk_usage(self.data_dir if self.data_dir.exists() else Path.cwd()).free
+        return free // (2 * self.workers)
 
     def image_limits(self) -> dict[str, int]:
         """Keyword arguments of `bnfold.inputs.images.ImageLimits` (kept a plain dict: no bnfold import here)."""

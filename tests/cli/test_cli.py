@@ -122,6 +122,9 @@ def files(tmp_path_factory) -> Path:
     np.save(d / "pickled.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
     np.save(d / "rank.npy", x[0])  # one sample without its batch axis
     (d / "samples.txt").write_text("1 2 3\n")
+    for name, shape in (("overflow.npy", (10, 2**32, 2**32)), ("negative.npy", (10, -1, 8, 8))):
+        with open(d / name, "wb") as f:  # hostile headers: shapes np.prod wraps to 0 bytes, or cannot be
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": shape})
     (d / "odd[").mkdir()
     np.save(d / "odd[" / "b].npy", x)  # the path contains "[/b]"
     return d
@@ -141,6 +144,8 @@ BAD_INPUTS = {
     "nan-samples": ("model.onnx", "nan.npy", ["--batch-size", "4"], ["'x'", "NaN"]),
     "empty-samples": ("model.onnx", "empty.npy", [], ["empty"]),
     "pickled-npy": ("model.onnx", "pickled.npy", [], ["pickled"]),
+    "npy-overflowing-shape": ("model.onnx", "overflow.npy", [], ["overflow.npy", "truncated"]),
+    "npy-negative-dimension": ("model.onnx", "negative.npy", [], ["negative.npy", "negative dimension"]),
     "npz-missing-input": ("multi.onnx", "multi_missing.npz", [], ["['vec']"]),
     "npz-extra-key": ("model.onnx", "extra_key.npz", [], ["['labels']"]),
     "bare-array-multi-input": ("multi.onnx", "samples.npy", [], ["2 inputs", ".npz"]),

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from models import _Builder, make_samples
+from models import _Builder, make_samples, residual_block
 from reference import reference_recalibrate
 
 import bnfold
@@ -142,3 +142,33 @@ def test_spilling_over_many_levels_matches_the_reference(budget):
     store = result.report.extra["store"]
     assert (store["bytes_spilled"] > 0) == (budget < 2**30)
     assert store["peak_bytes_in_memory"] <= budget
+
+
+def _bytes_in(directory) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+
+def test_disk_budget_refuses_the_spill_that_would_pass_it_and_names_the_limit(tmp_path):
+    with TensorStore(budget=0, spill_dir=tmp_path, disk_budget=100) as store:
+        store.put("a", 0, _array(1.0, 6))  # 48 bytes on disk
+        store.put("a", 1, _array(2.0, 6))  # 96
+        with pytest.raises(bnfold.errors.DiskBudgetExceeded, match="disk budget of 100 bytes"):
+            store.put("a", 2, _array(3.0, 6))  # 144 > 100: nothing written
+        assert store.bytes_on_disk == 96
+        (spill,) = _spill_dirs(tmp_path)
+        assert len(os.listdir(tmp_path / spill)) == 2
+        store.drop("a")  # dropped files give their room back
+        assert store.bytes_on_disk == 0
+        store.put("b", 0, _array(4.0, 12))  # 96 fits again
+        np.testing.assert_array_equal(store.get("b", 0), _array(4.0, 12))
+
+
+def test_recalibrate_under_a_disk_budget_fails_cleanly_and_leaves_no_files(tmp_path):
+    model = residual_block()
+    samples = make_samples(model, 64, seed=3)
+    with pytest.raises(bnfold.errors.DiskBudgetExceeded, match="BNFOLD_JOB_DISK_BUDGET"):
+        bnfold.recalibrate(model, samples, batch_size=8, memory_budget=0, spill_dir=tmp_path, disk_budget=4096)
+    assert _spill_dirs(tmp_path) == []  # the store removes its files on the way out
+    unbounded = bnfold.recalibrate(model, samples, batch_size=8, memory_budget=0, spill_dir=tmp_path,
+                                   disk_budget=10 * 2**20)
+    assert 4096 < unbounded.report.extra["store"]["bytes_spilled"]

@@ -324,3 +324,16 @@ def test_npz_members_that_are_not_arrays_are_refused(tmp_path):
     path.write_bytes(_npz_with({"x.npy": _npy(_rows(4)), "labels.txt": b"1 2 3 4"}))
     with pytest.raises(InvalidSamples, match="member 'labels.txt' is not a .npy array"):
         load_samples(path)
+
+
+@pytest.mark.parametrize("shape, words", [((10, 2**32, 2**32), "truncated"), ((10, -1, 3), "negative dimension"),
+                                          ((-5, 3), "negative dimension")])
+def test_hostile_npy_headers_are_invalid_samples_not_crashes(tmp_path, shape, words):
+    """(10, 2**32, 2**32) wraps to 0 bytes under np.prod(int64): it used to pass every size check
+    and fail later inside np.empty (an internal error)."""
+    path = tmp_path / "s.npy"
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": shape})
+        f.write(bytes(64))
+    with pytest.raises(InvalidSamples, match=words):
+        load_samples(path)

@@ -295,3 +295,21 @@ def test_signed_pixels_need_an_explicit_scale():
     with pytest.raises(BadImage, match="explicit scale"):
         transform(x, PreprocessSpec(color="keep"), x.dtype)
     assert transform(x, PreprocessSpec(color="keep", scale=0.5), x.dtype)[0, 0, 0] == -1.5
+
+
+@pytest.mark.parametrize("fields", [{"resize": 10**9}, {"resize": [40000, 40000]}, {"center_crop": 8193},
+                                    {"resize": 1e9}, {"resize": True}])
+def test_every_size_is_bounded_before_anything_is_decoded(fields):
+    with pytest.raises(InvalidOptions, match="resize|center_crop"):
+        parse_spec(fields)
+
+
+def test_the_largest_side_is_accepted():
+    assert parse_spec({"resize": 8192, "center_crop": [8192, 8192]}).resize == 8192
+
+
+def test_an_int_resize_that_would_stretch_the_longer_side_past_the_limit_is_a_bad_image():
+    """resize=8192 on a 1×100 strip would make it 8192×819200: refused per image, not allocated."""
+    strip = np.zeros((1, 100, 3), np.uint8)
+    with pytest.raises(BadImage, match="above the limit of 8192"):
+        transform(strip, parse_spec({"resize": 8192}), np.dtype(np.uint8))

@@ -18,6 +18,7 @@ except ImportError:  # the 'service' extra is not installed: nothing here can ru
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "schemathesis: property-based API run against a live server (needs schemathesis)")
+    config.addinivalue_line("markers", "heavy: needs about 2 GB of RAM and a minute (e.g. a 400 MB model upload)")
 
 
 @pytest.fixture(scope="session")

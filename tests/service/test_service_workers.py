@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import time
 
 import pytest
 from service_helpers import Server, pid_gone, submit, wait_for
@@ -149,3 +150,72 @@ def test_restarts_keep_results_requeue_interrupted_jobs_and_give_up_after_two_at
     finally:
         srv.release()
         srv.stop()
+
+
+def test_a_killed_forkserver_does_not_fail_a_job_whose_process_still_runs(held):
+    """kill -9 of the forkserver: its children live on, but multiprocessing reports them ended (255).
+    The job used to be failed while its process kept running; now it is followed until it ends."""
+    psutil = pytest.importorskip("psutil")
+    with held.client() as client:
+        job, pid = start_held_job(held, client)
+        forkserver = psutil.Process(pid).parent()
+        assert "forkserver" in " ".join(forkserver.cmdline())
+        forkserver.kill()
+        assert pid_gone(forkserver.pid)  # a zombie until the server reaps it
+        time.sleep(1.5)  # several supervisor ticks
+        assert client.get(job["url"]).json()["state"] == "running"
+        assert psutil.pid_exists(pid)
+        held.release()
+        done = wait_for(client, job["id"])
+        assert done["state"] == "succeeded", done
+        assert done["attempts"] == 1
+        assert submit(client, wait=20).json()["state"] == "succeeded"  # a new forkserver serves new jobs
+        assert client.get("/readyz").status_code == 200
+
+
+def test_sigterm_with_an_open_wait_shuts_down_within_the_grace_period_and_keeps_the_attempt(tmp_path):
+    """`docker stop` gives 10 s. A client holding POST ?wait=60 used to keep the server up past it
+    (then SIGKILL: the job counted an attempt, and showed "running" for a minute under a new host
+    name). Now the wait answers at once (202, the job's Location, Retry-After), the server exits
+    well within the grace period, and the interrupted run does not count as an attempt."""
+    srv = Server(tmp_path / "data", held=True, env={"BNFOLD_WORKERS": "1"}).start()
+    try:
+        srv.hold()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(lambda: submit(srv.client(), wait=60))
+            job_id = next(iter(_pids_appearing(srv)))
+            pid = srv.worker_pid(job_id)
+            started = time.monotonic()
+            srv.process.send_signal(signal.SIGTERM)
+            response = waiting.result(timeout=10)
+            answered = time.monotonic() - started
+        srv.process.wait(10)
+        stopped = time.monotonic() - started
+        assert response.status_code == 202, response.text
+        assert response.json()["id"] == job_id and int(response.headers["retry-after"]) >= 1
+        assert response.headers["location"] == f"/v1/jobs/{job_id}"
+        assert answered < 3 and stopped < 8, (answered, stopped)
+        assert srv.process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM once it is done: 143, not 137
+        assert pid_gone(pid)
+
+        srv.forget_pid(job_id)
+        srv.start()
+        with srv.client() as client:
+            srv.worker_pid(job_id, timeout=10)  # taken up again at once, not after BNFOLD_STALE_AFTER
+            assert client.get(f"/v1/jobs/{job_id}").json()["attempts"] == 1
+            srv.release()
+            assert wait_for(client, job_id)["state"] == "succeeded"
+    finally:
+        srv.release()
+        srv.stop()
+
+
+def _pids_appearing(server: Server, timeout: float = 30.0):
+    """Job ids whose process has written its pid file (held jobs)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [p.stem for p in server.hold_dir.glob("*.pid")]
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError("no job started")

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import anyio
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
 from ...errors import Unavailable, problem_responses
 from ...schemas import Health, Readiness
-from ..deps import MetricsDep, SessionDep, StorageDep, SupervisorDep
+from ..deps import DatabaseDep, MetricsDep, StorageDep, SupervisorDep
 
 router = APIRouter(tags=["operations"])
+READY_TIMEOUT = 1.5  # seconds
 
 
 @router.get("/healthz", operation_id="health", response_model=Health)
@@ -20,9 +22,9 @@ async def health() -> Health:
 
 
 @router.get("/readyz", operation_id="ready", response_model=Readiness, responses=problem_responses(503))
-def ready(session: SessionDep, storage: StorageDep, supervisor: SupervisorDep) -> Readiness:
+async def ready(database: DatabaseDep, storage: StorageDep, supervisor: SupervisorDep) -> Readiness:
     """The job store answers, the data directory is writable and the worker supervisor runs."""
-    checks = {"database": _database_ok(session), "storage": storage.writable(), "workers": supervisor.healthy()}
+    checks = {"database": await _database_ok(database), "storage": storage.writable(), "workers": supervisor.healthy()}
     if not all(checks.values()):
         failing = ", ".join(name for name, ok in checks.items() if not ok)
         raise Unavailable(f"not ready: {failing} not usable")
@@ -38,9 +40,11 @@ def metrics(metrics: MetricsDep) -> Response:
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def _database_ok(session) -> bool:
+async def _database_ok(database) -> bool:
+    """SELECT 1 within READY_TIMEOUT s: a store that hangs makes the server not ready, promptly."""
     try:
-        session.execute(text("SELECT 1"))
+        with anyio.fail_after(READY_TIMEOUT):
+            await database.run(lambda session: session.execute(text("SELECT 1")), ready=True)
         return True
     except Exception:
         return False

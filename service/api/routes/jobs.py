@@ -4,28 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import functools
 import json
 import shutil
 import time
 import uuid
 from typing import Annotated, Any
 
-from anyio import to_thread
+import anyio
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
 
-from bnfold.inputs.images import ImageLimits
-from bnfold.pipeline import JobOptions, precheck
+from bnfold.pipeline import JobOptions
 
 from ... import crud
 from ...db import FINAL, JobRow, utcnow
-from ...errors import InvalidRequest, NotReady, PayloadTooLarge, ServiceError, problem_responses, validation_errors
+from ...errors import (InvalidRequest, NotReady, PayloadTooLarge, ServiceError, Unavailable, problem_responses,
+                       validation_errors)
 from ...job import write_report_page
+from ...precheck import SHUTDOWN_RETRY_AFTER, shutting_down
 from ...schemas import Job, JobList, JobOptionsIn, JobState
-from ...storage import REPORT_FILE, REPORT_HTML_FILE, RESULT_FILE, Limits, Storage, Upload, check_paths, receive_upload
-from ..deps import MetricsDep, Owner, SessionDep, SettingsDep, StorageDep, SupervisorDep
+from ...storage import (REPORT_FILE, REPORT_HTML_FILE, RESULT_FILE, Limits, Storage, Upload, receive_upload,
+                        safe_filename)
+from ..deps import DatabaseDep, MetricsDep, Owner, SettingsDep, StorageDep, SupervisorDep
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 MULTIPART_OVERHEAD = 1 << 20  # headers, boundaries and the options part, on top of the two files
@@ -68,50 +69,55 @@ UPLOAD_BODY = {
         200: {"model": Job, "description": "The job finished within ?wait seconds."},
         202: {"description": "Queued (or still running when ?wait ran out).",
               "headers": {"Location": {"description": "URL of the job.", "schema": {"type": "string"}}}},
-        **problem_responses(401, 413, 415, 422, 429),
+        **problem_responses(401, 413, 415, 422, 429, 503),
     },
 )
 async def create_job(
-    request: Request, owner: Owner, settings: SettingsDep, session: SessionDep, storage: StorageDep,
+    request: Request, owner: Owner, settings: SettingsDep, database: DatabaseDep, storage: StorageDep,
     supervisor: SupervisorDep, metrics: MetricsDep,
     wait: Annotated[float | None, Query(ge=0, le=3600, description=WAIT_DOC)] = None,
 ) -> Response:
-    """Upload a model and samples; the job is checked (422 for unusable input) and queued."""
-    await to_thread.run_sync(crud.check_capacity, session, settings.max_queued_jobs, settings.workers)
+    """Upload a model and samples; the job is checked (422 for unusable input) and queued.
+
+    Either the job is admitted and this answers 200/202 with it, or nothing is left behind: a
+    refusal (4xx, 503) removes the upload, and no error after admission hides an admitted job."""
+    draining: asyncio.Event = request.app.state.draining
+    await database.run(crud.check_capacity, settings.max_queued_jobs, settings.workers)
     _refuse_oversized_body(request, settings)
     job_id = uuid.uuid4().hex
-    upload, options = await _receive_checked(request, storage.new_upload_dir(job_id), settings, metrics)
+    upload, options = await _receive_checked(request, storage.new_upload_dir(job_id), settings, metrics, draining)
+    if draining.is_set():
+        storage.remove_upload(upload)
+        raise shutting_down()
     row = _new_row(job_id, owner, upload, options)
-    try:
-        storage.admit(upload, job_id)
-        await to_thread.run_sync(crud.admit_job, session, row, settings.max_queued_jobs, settings.workers)
-    except BaseException:
-        storage.remove_job(job_id)
-        raise
+    await database.run(_admit, storage, upload, row, settings)
     supervisor.wake()
+    retry = {}
     if wait:
-        row = await _wait_until_final(session, row, min(wait, settings.max_wait))
+        row, interrupted = await _wait_until_final(database, row, min(wait, settings.max_wait), draining)
+        if interrupted:  # admitted: answer 202 (poll Location later), never a status that invites a re-POST
+            retry = {"Retry-After": str(SHUTDOWN_RETRY_AFTER)}
     status = 200 if row.state in FINAL else 202
     body = to_resource(row, storage, with_report=status == 200).model_dump(mode="json")
-    return JSONResponse(body, status_code=status, headers={"Location": body["url"]})
+    return JSONResponse(body, status_code=status, headers={"Location": body["url"], **retry})
 
 
 @router.get("", operation_id="listJobs", response_model=JobList, responses=problem_responses(401, 422))
-def list_jobs(
-    owner: Owner, session: SessionDep, storage: StorageDep,
+async def list_jobs(
+    owner: Owner, database: DatabaseDep, storage: StorageDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=512, description="next_cursor of the previous page.")] = None,
     state: Annotated[JobState | None, Query()] = None,
 ) -> JobList:
     """This API key's jobs, newest first."""
-    page = crud.list_jobs(session, owner, limit, cursor, state)
+    page = await database.run(crud.list_jobs, owner, limit, cursor, state)
     return JobList(items=[to_resource(row, storage) for row in page.rows], next_cursor=page.next_cursor)
 
 
 @router.get("/{job_id}", operation_id="getJob", response_model=Job, responses=problem_responses(401, 404, 422))
-def get_job(job_id: str, owner: Owner, session: SessionDep, storage: StorageDep) -> Job:
+async def get_job(job_id: str, owner: Owner, database: DatabaseDep, storage: StorageDep) -> Job:
     """State, progress, timings; the report when it succeeded, the error when it failed."""
-    return to_resource(crud.get_job(session, job_id, owner), storage, with_report=True)
+    return to_resource(await database.run(crud.get_job, job_id, owner), storage, with_report=True)
 
 
 @router.get(
@@ -124,17 +130,17 @@ def get_job(job_id: str, owner: Owner, session: SessionDep, storage: StorageDep)
         **problem_responses(401, 404, 409, 422),
     },
 )
-def get_job_model(
-    job_id: str, owner: Owner, session: SessionDep, storage: StorageDep, metrics: MetricsDep,
+async def get_job_model(
+    job_id: str, owner: Owner, database: DatabaseDep, storage: StorageDep, metrics: MetricsDep,
     if_none_match: Annotated[str | None, Header(max_length=1024)] = None,
 ) -> Response:
     """Download the result; ETag is the sha256 of the file."""
-    row = _succeeded(crud.get_job(session, job_id, owner))
+    row = _succeeded(await database.run(crud.get_job, job_id, owner))
     etag = f'"{row.result_sha256}"'
     if if_none_match and (if_none_match.strip() == "*" or etag in [t.strip() for t in if_none_match.split(",")]):
         return Response(status_code=304, headers={"ETag": etag})
     metrics.bytes_out.labels("model").inc(row.result_bytes or 0)
-    filename = (row.model_filename or "model.onnx").rsplit(".", 1)[0] + ".bnfold.onnx"
+    filename = (safe_filename(row.model_filename or "") or "model.onnx").rsplit(".", 1)[0] + ".bnfold.onnx"
     return FileResponse(_artifact(storage, row, RESULT_FILE), media_type="application/octet-stream", filename=filename,
                         headers={"ETag": etag, "Cache-Control": "private, no-cache"})
 
@@ -147,9 +153,10 @@ def get_job_model(
         **problem_responses(401, 404, 409, 422),
     },
 )
-def get_job_report(job_id: str, owner: Owner, session: SessionDep, storage: StorageDep, metrics: MetricsDep) -> Response:
+async def get_job_report(job_id: str, owner: Owner, database: DatabaseDep, storage: StorageDep,
+                         metrics: MetricsDep) -> Response:
     """The JSON report of a succeeded job."""
-    row = _succeeded(crud.get_job(session, job_id, owner))
+    row = _succeeded(await database.run(crud.get_job, job_id, owner))
     path = _artifact(storage, row, REPORT_FILE)
     metrics.bytes_out.labels("report").inc(path.stat().st_size)
     return FileResponse(path, media_type="application/json")
@@ -164,14 +171,14 @@ def get_job_report(job_id: str, owner: Owner, session: SessionDep, storage: Stor
         **problem_responses(401, 404, 409, 422),
     },
 )
-async def get_job_report_html(job_id: str, owner: Owner, session: SessionDep, storage: StorageDep,
+async def get_job_report_html(job_id: str, owner: Owner, database: DatabaseDep, storage: StorageDep,
                               metrics: MetricsDep) -> Response:
     """The HTML page of a succeeded job's report (made from report.json if the job did not leave one)."""
-    row = _succeeded(await to_thread.run_sync(crud.get_job, session, job_id, owner))
+    row = _succeeded(await database.run(crud.get_job, job_id, owner))
     path = storage.job_dir(row.id) / REPORT_HTML_FILE
     if not path.is_file():
         report = json.loads(_artifact(storage, row, REPORT_FILE).read_text())
-        await to_thread.run_sync(write_report_page, storage.job_dir(row.id), report)
+        await anyio.to_thread.run_sync(write_report_page, storage.job_dir(row.id), report)
     page = _artifact(storage, row, REPORT_HTML_FILE)
     metrics.bytes_out.labels("report").inc(page.stat().st_size)
     return FileResponse(page, media_type="text/html; charset=utf-8")
@@ -183,12 +190,11 @@ async def get_job_report_html(job_id: str, owner: Owner, session: SessionDep, st
                204: {"description": "The job had already ended: it and its files are deleted."},
                **problem_responses(401, 404, 422)},
 )
-def delete_job(job_id: str, owner: Owner, session: SessionDep, storage: StorageDep, supervisor: SupervisorDep) -> Response:
+async def delete_job(job_id: str, owner: Owner, database: DatabaseDep, storage: StorageDep,
+                     supervisor: SupervisorDep) -> Response:
     """Cancel a queued or running job (its process is stopped within a second), or delete an ended one."""
-    row = crud.get_job(session, job_id, owner)
-    previous = crud.cancel_job(session, row)
+    row, previous = await database.run(crud.cancel_or_delete_job, job_id, owner)
     if previous is None:
-        crud.delete_job(session, row)
         storage.remove_job(row.id)
         return Response(status_code=204)
     if previous == "queued":
@@ -224,22 +230,32 @@ def to_resource(row: JobRow, storage: Storage, with_report: bool = False) -> Job
     })
 
 
-async def _receive_checked(request: Request, directory, settings, metrics) -> tuple[Upload, dict[str, Any]]:
-    """Stream the upload to disk, parse the options, and run the core's cheap precheck (in a thread)."""
+async def _receive_checked(request: Request, directory, settings, metrics, draining) -> tuple[Upload, dict[str, Any]]:
+    """Stream the upload to disk, parse the options, and run the core's precheck in a child process
+    (`service.precheck`): nothing of the upload's content is parsed or decoded in this process."""
     try:
         limits = Limits(int(settings.max_model_bytes), int(settings.max_samples_bytes))
         upload = await receive_upload(request.stream(), request.headers.get("content-type"), directory, limits)
         metrics.bytes_in.labels("model").inc(upload.model_bytes)
         metrics.bytes_in.labels("samples").inc(upload.samples_bytes)
         options = _parse_options(upload.options)
-        # the core's own checks (InvalidOptions → 422), then the first batch as the job will read it
-        checked = JobOptions(**options, image_limits=ImageLimits(**settings.image_limits()))
-        check_samples, check_labels = check_paths(upload.directory)
-        await to_thread.run_sync(functools.partial(precheck, upload.model_path, upload.samples_path, options=checked,
-                                                   check_samples=check_samples, check_labels=check_labels))
+        JobOptions(**options)  # the core's own option checks (InvalidOptions → 422), cheap
+        await request.app.state.prechecker.check(directory, upload.model_path, upload.samples_path, options,
+                                                 settings.image_limits(), draining)
         return upload, options
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def _admit(session, storage: Storage, upload: Upload, row: JobRow, settings) -> None:
+    """Move the upload into jobs/ and insert its row, or undo the move: all in one worker thread,
+    so a request cancelled meanwhile (client gone, shutdown) still ends with both or neither."""
+    storage.admit(upload, row.id)
+    try:
+        crud.admit_job(session, row, settings.max_queued_jobs, settings.workers)
+    except BaseException:
+        storage.remove_upload(upload)
         raise
 
 
@@ -270,13 +286,21 @@ def _new_row(job_id: str, owner: str, upload: Upload, options: dict[str, Any]) -
     )
 
 
-async def _wait_until_final(session, row: JobRow, seconds: float) -> JobRow:
-    deadline, pause = time.monotonic() + seconds, 0.02
+async def _wait_until_final(database, row: JobRow, seconds: float, draining: asyncio.Event) -> tuple[JobRow, bool]:
+    """The row once final or after `seconds`; True if the wait was cut short by a shutdown. The job is
+    admitted already: a store that does not answer meanwhile only leaves the last state seen."""
+    deadline, pause = time.monotonic() + seconds, 0.05
     while row.state not in FINAL and time.monotonic() < deadline:
-        await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-        pause = min(0.25, pause * 1.5)
-        row = await to_thread.run_sync(crud.reload_job, session, row.id) or row
-    return row
+        with anyio.move_on_after(min(pause, max(0.0, deadline - time.monotonic()))):
+            await draining.wait()
+        if draining.is_set():
+            return row, True
+        pause = min(0.5, pause * 1.5)
+        try:
+            row = await database.run(crud.reload_job, row.id) or row
+        except Unavailable:
+            pass
+    return row, False
 
 
 def _succeeded(row: JobRow) -> JobRow:
