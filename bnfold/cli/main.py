@@ -62,6 +62,19 @@ def _image_option(name: str, help: str):
     return typer.Option(name, help=help, rich_help_panel="Image samples (folder or archive)")
 
 
+def _fold_option(name: str, help: str):
+    return typer.Option(name, help=help, rich_help_panel="Folding and verification")
+
+
+VerifySamples = Annotated[int, _fold_option("--verify-samples", "Samples the folded model is compared with the unfolded one "
+                                            "on (0: random inputs at the scale the model implies).")]
+Rtol = Annotated[Optional[float], _fold_option("--rtol", "Verification passes when max |Δ| ≤ atol + rtol·max |y| per output "
+                                               "(default: from the float type, 1.2e-4 for float32).")]
+Atol = Annotated[Optional[float], _fold_option("--atol", "Absolute part of the verification tolerance (default: rtol·2^-10).")]
+Unfoldable = Annotated[str, _fold_option("--unfoldable", "A BN with no exact linear neighbour: keep it as BatchNormalization, "
+                                         "or write it as Mul + Add (affine) for runtimes without BN.")]
+
+
 @app.command("recalibrate")
 def recalibrate_command(
     model: Annotated[Path, typer.Argument(help="ONNX model with BatchNormalization nodes.")],
@@ -90,6 +103,10 @@ def recalibrate_command(
     layout: Annotated[Optional[str], _image_option("--layout", "NCHW or NHWC.")] = None,
     interpolation: Annotated[Optional[str], _image_option("--interpolation", "bilinear (default), nearest, bicubic, box, hamming, lanczos.")] = None,
     on_bad_image: Annotated[str, _image_option("--on-bad-image", "fail on an unreadable or mismatched image, or skip it (listed in the report).")] = "fail",
+    verify_samples: VerifySamples = 32,
+    rtol: Rtol = None,
+    atol: Atol = None,
+    unfoldable: Unfoldable = "keep",
 ) -> None:
     """Recompute every BN's population mean/var on unlabeled samples of the new domain."""
     with errors_to_exit():
@@ -99,7 +116,8 @@ def recalibrate_command(
             None if preprocess is None else str(preprocess), resize=resize, center_crop=crop, color=color, channels=channels,
             scale=scale, mean=mean, std=std, layout=layout, interpolation=interpolation)
         options = JobOptions(fold=fold, batch_size=batch_size, memory_budget=parse_bytes(memory_budget),
-                             preprocess=spec, on_bad_image=on_bad_image)
+                             preprocess=spec, on_bad_image=on_bad_image, verify_samples=verify_samples, rtol=rtol,
+                             atol=atol, unfoldable=unfoldable)
         check_writable(output, report)
         if server is not None:
             from bnfold.cli.remote import recalibrate_remote
@@ -119,11 +137,24 @@ def fold_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the folded model.")],
     report: Annotated[Optional[Path], typer.Option("--report", help="Write the JSON report here.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
+    samples: Annotated[Optional[Path], _fold_option(
+        "--samples", "Verify on these samples (.npy, .npz, or a folder / archive of images, preprocessed by the spec the "
+                     "model carries or --preprocess) instead of random inputs.")] = None,
+    preprocess: Annotated[Optional[Path], _fold_option("--preprocess", "JSON preprocessing spec for image --samples.")] = None,
+    verify_samples: VerifySamples = 32,
+    rtol: Rtol = None,
+    atol: Atol = None,
+    unfoldable: Unfoldable = "keep",
 ) -> None:
-    """Fold BN into neighbouring layers without recalibrating (verified on random inputs)."""
+    """Fold BN into neighbouring layers without recalibrating (verified on --samples, else on random inputs
+    at the scale the model's BN statistics imply)."""
     with errors_to_exit():
+        from bnfold.inputs.preprocess import overrides_from_text
+
+        spec = None if preprocess is None else overrides_from_text(str(preprocess))
+        options = JobOptions(verify_samples=verify_samples, rtol=rtol, atol=atol, unfoldable=unfoldable, preprocess=spec)
         check_writable(output, report)
-        job = fold_file(model)
+        job = fold_file(model, options, samples)
         write_outputs(output, job, report)
         if not quiet:
             print_fold(job.report)

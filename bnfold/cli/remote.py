@@ -39,6 +39,7 @@ def recalibrate_remote(server: str, model: Path, samples: Path, options: JobOpti
                                   verify_samples=options.verify_samples, rtol=options.rtol, atol=options.atol,
                                   preprocess=options.preprocess,
                                   on_bad_image=None if options.on_bad_image == "fail" else options.on_bad_image,
+                                  unfoldable=None if options.unfoldable == "keep" else options.unfoldable,
                                   progress=callback)
 
 

@@ -252,12 +252,14 @@ class Client(_Base):
     def recalibrate(self, model: ModelSource, samples: SamplesSource, *, fold: bool = True, batch_size: int | None = None,
                     verify_samples: int | None = None, rtol: float | None = None, atol: float | None = None,
                     preprocess: dict[str, Any] | None = None, on_bad_image: str | None = None,
-                    progress: Progress | None = None, timeout: float | None = None) -> Result:
+                    unfoldable: str | None = None, progress: Progress | None = None,
+                    timeout: float | None = None) -> Result:
         """Submit, wait (``progress(stage, fraction)`` on every change; ``timeout``: seconds for the job
         to finish), download. The options are `submit`'s. If the wait ends other than by the job's
         end (timeout, Ctrl-C, lost server), the job is cancelled."""
         job = self.submit(model, samples, fold=fold, batch_size=batch_size, verify_samples=verify_samples,
-                          rtol=rtol, atol=atol, preprocess=preprocess, on_bad_image=on_bad_image)
+                          rtol=rtol, atol=atol, preprocess=preprocess, on_bad_image=on_bad_image,
+                          unfoldable=unfoldable)
         try:
             job = self.wait(job, timeout=timeout, progress=progress)
         except (JobFailed, JobCancelled):
@@ -270,14 +272,15 @@ class Client(_Base):
     def submit(self, model: ModelSource, samples: SamplesSource, *, fold: bool = True, batch_size: int | None = None,
                verify_samples: int | None = None, rtol: float | None = None, atol: float | None = None,
                preprocess: dict[str, Any] | None = None, on_bad_image: str | None = None,
-               wait: float | None = None) -> Job:
+               unfoldable: str | None = None, wait: float | None = None) -> Job:
         """Upload and queue a job; the server checks model and samples first, so a bad one raises here.
         Options are those of ``bnfold recalibrate`` / `bnfold.pipeline.JobOptions`; None: the
-        server's default (image samples only: ``preprocess`` overrides, ``on_bad_image``).
+        server's default (image samples only: ``preprocess`` overrides, ``on_bad_image``;
+        ``unfoldable``: 'keep' a BN no rule folds, or 'affine' for Mul + Add).
         ``wait``: block up to this many seconds (server-capped) for the job to end."""
         files, replayable = self._submit_parts(model, samples, dict(
             fold=fold, batch_size=batch_size, verify_samples=verify_samples, rtol=rtol, atol=atol,
-            preprocess=preprocess, on_bad_image=on_bad_image))
+            preprocess=preprocess, on_bad_image=on_bad_image, unfoldable=unfoldable))
         response = self._send("POST", "/v1/jobs", files=files, replayable=replayable,
                               params={"wait": wait} if wait else None, timeout=self._request_timeout(wait))
         return Job.from_json(response.json())
@@ -379,11 +382,12 @@ class AsyncClient(_Base):
     async def recalibrate(self, model: ModelSource, samples: SamplesSource, *, fold: bool = True,
                           batch_size: int | None = None, verify_samples: int | None = None, rtol: float | None = None,
                           atol: float | None = None, preprocess: dict[str, Any] | None = None,
-                          on_bad_image: str | None = None, progress: Progress | None = None,
-                          timeout: float | None = None) -> Result:
+                          on_bad_image: str | None = None, unfoldable: str | None = None,
+                          progress: Progress | None = None, timeout: float | None = None) -> Result:
         """See `Client.recalibrate`; a cancelled task cancels the job."""
         job = await self.submit(model, samples, fold=fold, batch_size=batch_size, verify_samples=verify_samples,
-                                rtol=rtol, atol=atol, preprocess=preprocess, on_bad_image=on_bad_image)
+                                rtol=rtol, atol=atol, preprocess=preprocess, on_bad_image=on_bad_image,
+                                unfoldable=unfoldable)
         try:
             job = await self.wait(job, timeout=timeout, progress=progress)
         except (JobFailed, JobCancelled):
@@ -396,10 +400,11 @@ class AsyncClient(_Base):
     async def submit(self, model: ModelSource, samples: SamplesSource, *, fold: bool = True,
                      batch_size: int | None = None, verify_samples: int | None = None, rtol: float | None = None,
                      atol: float | None = None, preprocess: dict[str, Any] | None = None,
-                     on_bad_image: str | None = None, wait: float | None = None) -> Job:
+                     on_bad_image: str | None = None, unfoldable: str | None = None,
+                     wait: float | None = None) -> Job:
         files, replayable = self._submit_parts(model, samples, dict(
             fold=fold, batch_size=batch_size, verify_samples=verify_samples, rtol=rtol, atol=atol,
-            preprocess=preprocess, on_bad_image=on_bad_image))
+            preprocess=preprocess, on_bad_image=on_bad_image, unfoldable=unfoldable))
         response = await self._send("POST", "/v1/jobs", files=files, replayable=replayable,
                                     params={"wait": wait} if wait else None, timeout=self._request_timeout(wait))
         return Job.from_json(response.json())
