@@ -110,6 +110,11 @@ NP_OPS = {
     "Mul": lambda a, x, y: x * y,
     "Relu": lambda a, x: np.maximum(x, 0),
     "Identity": lambda a, x: x,
+    "Concat": lambda a, *xs: np.concatenate(xs, axis=a["axis"]),
+    "Slice": lambda a, x, starts, ends, axes: x[
+        tuple(slice(int(starts[list(axes).index(d)]), int(ends[list(axes).index(d)])) if d in axes else slice(None)
+              for d in range(x.ndim))
+    ],
     "Constant": lambda a: numpy_helper.to_array(a["value"]).astype(np.float64),
 }
 
