@@ -25,7 +25,8 @@ whose inputs put every BN's input closest to its statistics: the smallest mean o
 mean_c |log(E[(X_c − μ_c)²] / σ²_c)| (``mismatch``; 0 when every channel's second moment about
 its running mean equals its running variance).
 
-Every float graph input gets the same (α, s, t); integer/bool inputs keep the values of
+Inputs that are not image-shaped (rank < 4) get white noise (α = 0). Every float graph input gets
+the same (α, s, t); integer/bool inputs keep the values of
 `verify`'s random batches. When no BN qualifies, a probe fails, or the numbers are not finite and
 positive, inputs are standard normal and ``note`` says why. This is a heuristic for the inputs'
 distribution, not a substitute for data: where it matters, verify on real samples.
@@ -126,7 +127,8 @@ def fit_input_scale(
     m0 = probe({k: np.zeros_like(v) for k, v in float_feeds.items()})[0].mean(axis=1)
     r = probe({k: np.ones_like(v) for k, v in float_feeds.items()})[0].mean(axis=1) - m0
     best = None
-    for alpha in SPECTRA:
+    images = any(len(v.shape) >= 4 and min(v.shape[-2:]) >= 2 for v in float_feeds.values())
+    for alpha in SPECTRA if images else (0.0,):  # the spectrum only shapes image-like inputs
         noise = {k: image_noise(v.shape, rng, alpha) for k, v in float_feeds.items()}
         fitted = _fit(label, mean, var, m0, r, probe(noise)[0].var(axis=1), alpha)
         if fitted.spectrum is None:
@@ -135,7 +137,8 @@ def fit_input_scale(
         fitted = dataclasses.replace(fitted, mismatch=_mismatch(scaled, stats))
         if best is None or fitted.mismatch < best.mismatch:
             best = fitted
-    note = (f"1/f^{best.spectrum:g} noise·{best.scale:.3g} + {best.shift:.3g}, fitted to the running statistics of "
+    sign = "+" if best.shift >= 0 else "−"
+    note = (f"1/f^{best.spectrum:g} noise·{best.scale:.3g} {sign} {abs(best.shift):.3g}, fitted to the running statistics of "
             f"{label!r} (mean |log E[(X−μ)²]/σ²| over {len(stats)} BN: {best.mismatch:.2g})")
     return dataclasses.replace(best, note=note)
 
