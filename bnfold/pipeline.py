@@ -40,8 +40,8 @@ class JobOptions:
     memory_budget: bytes of cut tensors kept in RAM. verify_samples: samples of the set used to
     compare folded vs unfolded (0: random inputs at the scale the model implies). rtol/atol:
     verification tolerance (None: derived from the model's float type). unfoldable: a BN with no
-    exact linear neighbour is kept as BatchNormalization ('keep') or becomes Mul + Add ('affine'). Image samples (folders/archives, `bnfold.images`):
-    preprocess: a `PreprocessSpec`, or a dict of its fields overriding the spec the model carries;
+    exact linear neighbour is kept as BatchNormalization ('keep') or becomes Mul + Add ('affine').
+    Image samples (folders/archives, `bnfold.images`): preprocess: a `PreprocessSpec`, or a dict of its fields overriding the spec the model carries;
     on_bad_image: 'fail' or 'skip' an unreadable/mismatched image; image_limits: decoding bounds.
     Where and how fast, never what (kept out of the provenance): spill_dir: folder for the cut
     tensors beyond memory_budget (None: the system's temporary folder); threads: ONNX Runtime

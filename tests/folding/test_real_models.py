@@ -68,7 +68,7 @@ def _unfoldable(model: onnx.ModelProto) -> set[str]:
 
 
 def test_fold_without_samples_is_accepted_and_matches_on_real_samples(exported):
-    name, path, _, held_out = exported
+    _, path, _, held_out = exported
     job = fold_file(path)
     check = job.report.extra["verification"]
     assert check["passed"] and check["random"] == 2 and check["random_inputs"]["bn"], check
@@ -76,7 +76,7 @@ def test_fold_without_samples_is_accepted_and_matches_on_real_samples(exported):
 
 
 def test_fold_on_samples_is_accepted(exported):
-    name, path, samples, held_out = exported
+    _, path, samples, held_out = exported
     job = fold_file(path, JobOptions(verify_samples=16), samples)
     check = job.report.extra["verification"]
     assert check["passed"] and (check["feeds"], check["random"]) == (1, 0)
