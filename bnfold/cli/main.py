@@ -140,18 +140,30 @@ def fold_command(
     samples: Annotated[Optional[Path], _fold_option(
         "--samples", "Verify on these samples (.npy, .npz, or a folder / archive of images, preprocessed by the spec the "
                      "model carries or --preprocess) instead of random inputs.")] = None,
-    preprocess: Annotated[Optional[Path], _fold_option("--preprocess", "JSON preprocessing spec for image --samples.")] = None,
     verify_samples: VerifySamples = 32,
     rtol: Rtol = None,
     atol: Atol = None,
     unfoldable: Unfoldable = "keep",
+    preprocess: Annotated[Optional[Path], _image_option("--preprocess", "JSON preprocessing spec for image --samples; the flags "
+                                                        "below override its fields, which override the spec the model carries.")] = None,
+    resize: Annotated[Optional[str], _image_option("--resize", "Shorter side (256) or exact HxW (224x320).")] = None,
+    crop: Annotated[Optional[str], _image_option("--crop", "Center crop: 224 or HxW; zero-pads if larger.")] = None,
+    color: Annotated[Optional[str], _image_option("--color", "rgb, grey or keep (the decoded channels).")] = None,
+    channels: Annotated[Optional[str], _image_option("--channels", "Channels to keep, in order, e.g. 2,1,0 for BGR.")] = None,
+    scale: Annotated[Optional[str], _image_option("--scale", "Pixel multiplier: auto (1/255, 1/65535 by depth), 1/255, 0.5 ...")] = None,
+    mean: Annotated[Optional[str], _image_option("--mean", "Per-channel mean after scaling, e.g. 0.485,0.456,0.406.")] = None,
+    std: Annotated[Optional[str], _image_option("--std", "Per-channel std, e.g. 0.229,0.224,0.225.")] = None,
+    layout: Annotated[Optional[str], _image_option("--layout", "NCHW or NHWC.")] = None,
+    interpolation: Annotated[Optional[str], _image_option("--interpolation", "bilinear (default), nearest, bicubic, box, hamming, lanczos.")] = None,
 ) -> None:
     """Fold BN into neighbouring layers without recalibrating (verified on --samples, else on random inputs
     at the scale the model's BN statistics imply)."""
     with errors_to_exit():
         from bnfold.inputs.preprocess import overrides_from_text
 
-        spec = None if preprocess is None else overrides_from_text(str(preprocess))
+        spec = overrides_from_text(
+            None if preprocess is None else str(preprocess), resize=resize, center_crop=crop, color=color, channels=channels,
+            scale=scale, mean=mean, std=std, layout=layout, interpolation=interpolation)
         options = JobOptions(verify_samples=verify_samples, rtol=rtol, atol=atol, unfoldable=unfoldable, preprocess=spec)
         check_writable(output, report)
         job = fold_file(model, options, samples)

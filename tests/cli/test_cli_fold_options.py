@@ -107,3 +107,26 @@ def test_job_options_and_service_options_refuse_unknown_unfoldable():
     assert schemas.JobOptionsIn(unfoldable="affine").unfoldable == "affine"
     with pytest.raises(ValidationError):
         schemas.JobOptionsIn(unfoldable="mul")
+
+
+def test_fold_verifies_on_image_samples(files, tmp_path):
+    image = pytest.importorskip("PIL.Image")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(4):
+        image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"mean": [0.5] * 3, "std": [0.25] * 3}))
+    args = ("fold", files / "dense.onnx", "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json", "--samples", folder)
+    result = invoke(*args, "--preprocess", spec)
+    assert result.exit_code == 0, result.stderr
+    check = _report(tmp_path / "r.json")["verification"]
+    assert (check["feeds"], check["random"], check["passed"]) == (1, 0, True)
+    (tmp_path / "out.onnx").unlink()
+    line = _assert_failed_cleanly(invoke(*args))  # the model carries no preprocessing spec
+    assert "preprocess" in line and not (tmp_path / "out.onnx").exists()
+    named = set(re.findall(r"--[a-z][a-z-]+", line))
+    assert named and all(option in invoke("fold", "--help").stdout for option in named), named
+    result = invoke(*args, "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25")  # the flags it names work
+    assert result.exit_code == 0, result.stderr
