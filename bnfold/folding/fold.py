@@ -163,7 +163,8 @@ def _fold_one(g: EditableGraph, bn: onnx.NodeProto, unfoldable: str) -> FoldDeci
             reasons.append(f"{fate.split('_')[1]}: {why}")
     if unfoldable == "keep":
         return FoldDecision(name, "kept", None, "no exact linear neighbour (" + "; ".join(reasons) + "); kept as "
-                            "BatchNormalization (unfoldable='affine' writes Mul + Add instead)")
+                            "BatchNormalization (--unfoldable affine, unfoldable='affine' in the library/SDK/service, "
+                            "writes Mul + Add instead)")
     try:
         _to_affine(g, bn, aff)
     except _Skip as why:

@@ -376,7 +376,8 @@ def _shape(arg, first: dict[str, np.ndarray] | None, symbols: dict[str, int]) ->
 def _random(arg, shape: tuple[int, ...], drawn: InputScale, rng) -> np.ndarray:
     dtype = _ORT_TYPES.get(arg.type)
     if dtype is None:
-        raise UnsupportedModel(f"cannot generate random values for input {arg.name!r} of type {arg.type}; pass feeds")
+        raise UnsupportedModel(f"cannot generate random values for input {arg.name!r} of type {arg.type}; "
+                               "verify on samples instead (bnfold fold --samples FILE; feeds in the library)")
     if np.dtype(dtype).kind == "f":
         return drawn.draw(shape, dtype, rng)
     if dtype is np.bool_:
