@@ -42,13 +42,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bnfold.onnx_graph import constant_tensors, is_batchnorm, value_types
+from bnfold.onnx_graph import constant_tensors, is_batchnorm, opset_version, value_types
 
 #: spectral slopes α tried (amplitude ∝ 1/f^α): white noise … smoother than photographs
 SPECTRA = (0.0, 0.5, 1.0, 1.5, 2.0)
 
-#: runs the probe model: feeds → {name of a BN's input X: its value}
-Runner = Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]]
+#: runs the probe model: feeds → {name of a BN's input X: (E[X], E[X²]) per channel}
+Runner = Callable[[dict[str, np.ndarray]], Mapping[str, tuple[np.ndarray, np.ndarray]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,15 +100,35 @@ def batchnorm_statistics(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, n
     return found
 
 
-def probe_model(model: onnx.ModelProto, bns: Sequence[onnx.NodeProto]) -> onnx.ModelProto:
-    """A copy of `model` whose outputs are the BNs' inputs X (each once)."""
+def probe_model(model: onnx.ModelProto, bns: Sequence[onnx.NodeProto]) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
+    """A copy of `model` whose outputs are, for each BN input X of known rank ≥ 2, the float32
+    per-channel means of X and of X² over every axis but 1 (shape (C,)), and X → their names.
+
+    Reduced inside the graph, as onnxruntime's calibrator does: the probe moves kilobytes, not
+    every activation of the network (several GB for a segmentation model at full resolution).
+    """
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    types = value_types(model)
+    types, opset = value_types(model), opset_version(model)
     del probe.graph.output[:]
-    for x in dict.fromkeys(bn.input[0] for bn in bns):
-        probe.graph.output.append(helper.make_tensor_value_info(x, types.get(x, (None, None))[0] or 1, None))
-    return probe
+    outputs: dict[str, tuple[str, str]] = {}
+    for i, x in enumerate(dict.fromkeys(bn.input[0] for bn in bns)):
+        rank = types.get(x, (None, None))[1]
+        if rank is None or rank < 2:
+            continue
+        axes = [0, *range(2, rank)]
+        xf, sq, mean, msq = (f"bnfold_probe/{i}/{part}" for part in ("float", "square", "mean", "mean_square"))
+        probe.graph.node.extend([helper.make_node("Cast", [x], [xf], to=onnx.TensorProto.FLOAT),
+                                 helper.make_node("Mul", [xf, xf], [sq])])
+        for source, target in ((xf, mean), (sq, msq)):
+            if opset >= 18:  # axes became an input
+                probe.graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), f"{target}/axes"))
+                probe.graph.node.append(helper.make_node("ReduceMean", [source, f"{target}/axes"], [target], keepdims=0))
+            else:
+                probe.graph.node.append(helper.make_node("ReduceMean", [source], [target], axes=axes, keepdims=0))
+            probe.graph.output.append(helper.make_tensor_value_info(target, onnx.TensorProto.FLOAT, None))
+        outputs[x] = (mean, msq)
+    return probe, outputs
 
 
 def fit_input_scale(
@@ -119,18 +139,19 @@ def fit_input_scale(
     sets s and t; float_feeds: templates whose shapes and dtypes the probes take; other_feeds:
     passed unchanged. run(feeds) returns X's name → value for every BN."""
 
-    def probe(values: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    def probe(values: Mapping[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         outs = run({k: np.asarray(v).astype(float_feeds[k].dtype) for k, v in values.items()} | dict(other_feeds))
-        return [_per_channel(outs[x], mean.shape[0]) for _, x, mean, _ in stats]
+        return [_moments(outs[x], mean.shape[0]) for _, x, mean, _ in stats]
 
     label, _, mean, var = stats[0]
-    m0 = probe({k: np.zeros_like(v) for k, v in float_feeds.items()})[0].mean(axis=1)
-    r = probe({k: np.ones_like(v) for k, v in float_feeds.items()})[0].mean(axis=1) - m0
+    m0 = probe({k: np.zeros_like(v) for k, v in float_feeds.items()})[0][0]
+    r = probe({k: np.ones_like(v) for k, v in float_feeds.items()})[0][0] - m0
     best = None
     images = any(len(v.shape) >= 4 and min(v.shape[-2:]) >= 2 for v in float_feeds.values())
     for alpha in SPECTRA if images else (0.0,):  # the spectrum only shapes image-like inputs
         noise = {k: image_noise(v.shape, rng, alpha) for k, v in float_feeds.items()}
-        fitted = _fit(label, mean, var, m0, r, probe(noise)[0].var(axis=1), alpha)
+        first_mean, first_square = probe(noise)[0]
+        fitted = _fit(label, mean, var, m0, r, first_square - first_mean**2, alpha)
         if fitted.spectrum is None:
             return fitted
         scaled = probe({k: fitted.scale * z + fitted.shift for k, z in noise.items()})
@@ -143,12 +164,12 @@ def fit_input_scale(
     return dataclasses.replace(best, note=note)
 
 
-def _per_channel(x: np.ndarray, channels: int) -> np.ndarray:
-    """(N, C, …) → (C, N·…) float64."""
-    x = np.asarray(x, np.float64)
-    if x.ndim < 2 or x.shape[1] != channels:
-        raise ValueError(f"a BN input has shape {list(x.shape)}, not (N, {channels}, …)")
-    return np.moveaxis(x, 1, 0).reshape(channels, -1)
+def _moments(values: tuple[np.ndarray, np.ndarray], channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(E[X], E[X²]) per channel, float64 of shape (C,)."""
+    mean, square = (np.asarray(v, np.float64).reshape(-1) for v in values)
+    if mean.shape != (channels,) or square.shape != (channels,):
+        raise ValueError(f"a BN input has {mean.shape[0]} channels, its statistics {channels}")
+    return mean, square
 
 
 def _fit(label: str, mean, var, m0, r, v, alpha: float) -> InputScale:
@@ -166,8 +187,8 @@ def _fit(label: str, mean, var, m0, r, v, alpha: float) -> InputScale:
 
 def _mismatch(xs: Sequence[np.ndarray], stats) -> float:
     errors = []
-    for x, (_, _, mean, var) in zip(xs, stats):
-        second = np.mean((x - mean[:, None]) ** 2, axis=1)
+    for (m, square), (_, _, mean, var) in zip(xs, stats):
+        second = square - 2 * mean * m + mean**2  # E[(X − μ)²]
         ok = (var > 0) & (second > 0) & np.isfinite(second)
         errors.append(float(np.mean(np.abs(np.log(second[ok] / var[ok])))) if np.any(ok) else np.inf)
     return float(np.mean(errors))

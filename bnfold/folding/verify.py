@@ -397,10 +397,17 @@ def _implied_scale(reference, inputs: list, shapes: dict, rng, providers, thread
         return InputScale(note="standard normal: the model has no float input")
     others = {a.name: _random(a, shapes[a.name], InputScale(), rng) for a in inputs if a.name not in floats}
     try:
-        session = _session(probe_model(reference, [bn for bn, _, _ in found]), "probe", UnsupportedModel, providers,
-                           threads)
-        names = [o.name for o in session.get_outputs()]
-        return fit_input_scale(lambda feeds: dict(zip(names, session.run(names, feeds))), stats, floats, others, rng)
+        probe, outputs = probe_model(reference, [bn for bn, _, _ in found])
+        stats = [s for s in stats if s[1] in outputs]  # X of unknown rank is not probed
+        if not stats:
+            return InputScale(note="standard normal: no BN input of known rank to fit to")
+        session = _session(probe, "probe", UnsupportedModel, providers, threads)
+
+        def run(feeds: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+            values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+            return {x: (values[m], values[s]) for x, (m, s) in outputs.items()}
+
+        return fit_input_scale(run, stats, floats, others, rng)
     except Exception as err:  # noqa: BLE001 - a failed probe only means less realistic random inputs
         return InputScale(note=f"standard normal: probing the BN inputs failed ({str(err).splitlines()[0]})")
 

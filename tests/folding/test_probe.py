@@ -10,11 +10,11 @@ from test_fold import F32, bn_inits, bn_node, init, make_model
 
 from bnfold.errors import InvalidOptions, VerificationFailed
 from bnfold.folding.fold import fold_batchnorms
-from bnfold.folding.probe import SPECTRA, batchnorm_statistics, image_noise
+from bnfold.folding.probe import SPECTRA, batchnorm_statistics, image_noise, probe_model
 from bnfold.folding.verify import check_equivalent, verify_equivalent
 
 
-def stem_model(scale: float, shift: float, seed: int = 0) -> onnx.ModelProto:
+def stem_model(scale: float, shift: float, seed: int = 0, opset: int = 17) -> onnx.ModelProto:
     """x (N, 1, 8, 8) → Conv 1×1 (1 → 4, bias) → BN → Relu → Conv 3×3 → BN → y.
 
     The first BN's running statistics are those of its input when x = scale·z + shift with z of
@@ -36,12 +36,12 @@ def stem_model(scale: float, shift: float, seed: int = 0) -> onnx.ModelProto:
     ]
     inits = [numpy_helper.from_array(w.astype(np.float32), "w1"), numpy_helper.from_array(b.astype(np.float32), "b1"),
              init(rng, "w2", (3, 4, 3, 3)), *stats, *bn_inits(rng, "bn2", 3)]
-    return make_model(nodes, [("x", ["N", 1, 8, 8])], [("y", None)], inits)
+    return make_model(nodes, [("x", ["N", 1, 8, 8])], [("y", None)], inits, opset=opset)
 
 
-@pytest.mark.parametrize("scale,shift", [(5.0, 2.0), (0.01, -3.0), (1.0, 0.0)])
-def test_random_inputs_take_the_scale_and_shift_the_first_bn_implies(scale, shift):
-    model = stem_model(scale, shift)
+@pytest.mark.parametrize("scale,shift,opset", [(5.0, 2.0, 17), (0.01, -3.0, 18), (1.0, 0.0, 9)])
+def test_random_inputs_take_the_scale_and_shift_the_first_bn_implies(scale, shift, opset):
+    model = stem_model(scale, shift, opset=opset)
     report = verify_equivalent(model, fold_batchnorms(model).model, threads=1)
     drawn = report.random_inputs
     assert report.passed and report.random == 2 and report.feeds == 0
@@ -117,3 +117,19 @@ def test_a_wrong_fold_still_fails_on_implied_inputs_and_the_message_names_real_o
         x = (5 * np.random.default_rng(4).normal(size=(4, 1, 8, 8)) + 2).astype(np.float32)
         check_equivalent(model, bad.model, [x], random_batches=0, threads=1)
     assert "--rtol/--atol" in err.value.message and "--samples" not in err.value.message
+
+
+def test_the_probe_reduces_inside_the_graph():
+    """Two outputs of shape (C,) per BN input — E[X] and E[X²] — never the activations themselves."""
+    import onnxruntime as ort
+
+    model = stem_model(5.0, 2.0)
+    probe, outputs = probe_model(model, [bn for bn, _, _ in batchnorm_statistics(model)])
+    assert sorted(outputs) == ["t", "v"] and len(probe.graph.output) == 4
+    x = np.random.default_rng(6).normal(size=(2, 1, 8, 8)).astype(np.float32)
+    values = dict(zip([o.name for o in probe.graph.output], ort.InferenceSession(probe.SerializeToString()).run(None, {"x": x})))
+    mean, square = values[outputs["t"][0]], values[outputs["t"][1]]
+    t = np.einsum("oc,nchw->nohw", numpy_helper.to_array(model.graph.initializer[0]).reshape(4, 1), x.astype(np.float64))
+    t += numpy_helper.to_array(model.graph.initializer[1]).reshape(1, 4, 1, 1)
+    np.testing.assert_allclose(mean, t.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(square, (t**2).mean(axis=(0, 2, 3)), rtol=1e-5)
