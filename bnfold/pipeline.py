@@ -3,8 +3,9 @@
 Pure core: takes paths/bytes and options, returns a ModelProto and a Report; no printing, no HTTP.
 With ``fold=False`` the returned model differs from the input *only* in BN mean/var values (no
 provenance is written either), so it can be diffed against the source. With folding, the folded
-model is checked against the unfolded recalibrated one on a subset of the samples plus random
-inputs, and refused (`VerificationFailed`) when they disagree; provenance goes into metadata_props.
+model is checked against the unfolded recalibrated one on a subset of the samples (random inputs
+at the scale the model implies when there are none: `bnfold.folding.probe`), and refused
+(`VerificationFailed`) when they disagree; provenance goes into metadata_props.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from bnfold import provenance
 from bnfold.engine.plan import require_batchnorms
 from bnfold.engine.recalibrate import DEFAULT_MEMORY_BUDGET, Progress, recalibrate
 from bnfold.errors import InvalidOptions, InvalidSamples, QuantizationRefused
-from bnfold.folding.fold import fold_batchnorms
+from bnfold.folding.fold import UNFOLDABLE, fold_batchnorms
 from bnfold.folding.verify import check_equivalent
 from bnfold.inputs.arrays import iter_batches, load_samples, model_inputs
 from bnfold.inputs.model import load_model, read_model_bytes
@@ -47,9 +48,10 @@ if TYPE_CHECKING:  # the image extra (Pillow, tifffile, pydantic) is imported on
 class JobOptions:
     """fold: fold BN away after recalibration. batch_size: samples per ORT call.
     memory_budget: bytes of cut tensors kept in RAM. verify_samples: samples of the set used to
-    compare folded vs unfolded (random inputs are added). rtol/atol: verification tolerance
-    (None: derived from the model's float type). Image samples (folders/archives, `bnfold.images`):
-    preprocess: a `PreprocessSpec`, or a dict of its fields overriding the spec the model carries;
+    compare folded vs unfolded (0: random inputs at the scale the model implies). rtol/atol:
+    verification tolerance (None: derived from the model's float type). unfoldable: a BN with no
+    exact linear neighbour is kept as BatchNormalization ('keep') or becomes Mul + Add ('affine').
+    Image samples (folders/archives, `bnfold.images`): preprocess: a `PreprocessSpec`, or a dict of its fields overriding the spec the model carries;
     on_bad_image: 'fail' or 'skip' an unreadable/mismatched image; image_limits: decoding bounds.
     Where and how fast, never what (kept out of the provenance): spill_dir: folder for the cut
     tensors beyond memory_budget (None: the system's temporary folder); threads: ONNX Runtime
@@ -70,6 +72,7 @@ class JobOptions:
     verify_samples: int = 32
     rtol: float | None = None
     atol: float | None = None
+    unfoldable: str = "keep"
     preprocess: Mapping[str, Any] | None = None
     on_bad_image: str = "fail"
     image_limits: ImageLimits | None = None
@@ -95,6 +98,9 @@ class JobOptions:
         if self.on_bad_image not in ("fail", "skip"):
             raise _on_field(InvalidOptions(f"on_bad_image must be 'fail' or 'skip', got {self.on_bad_image!r}"),
                             "options.on_bad_image")
+        if self.unfoldable not in UNFOLDABLE:
+            raise _on_field(InvalidOptions(f"unfoldable must be one of {', '.join(UNFOLDABLE)}, got {self.unfoldable!r}"),
+                            "options.unfoldable")
         if self.preprocess is not None:
             from bnfold.inputs.preprocess import PreprocessSpec, check_overrides
 
@@ -241,15 +247,26 @@ def _image_samples(model: onnx.ModelProto, path, options: JobOptions) -> tuple[I
     return images, origin
 
 
-def fold_file(model_source: str | os.PathLike | bytes, options: JobOptions = JobOptions()) -> JobOutput:
-    """Fold only (no samples): verification runs on random inputs."""
+def fold_file(model_source: str | os.PathLike | bytes, options: JobOptions = JobOptions(),
+              samples_path: str | os.PathLike | None = None) -> JobOutput:
+    """Fold only, no recalibration. Verification runs on the first `options.verify_samples` of
+    `samples_path` (arrays or images, as `recalibrate_files` reads them) when given, else on
+    random inputs at the scale the model implies."""
     if options.quantize:
         raise _on_field(InvalidOptions("INT8 quantization calibrates on samples: recalibrate with samples to quantize"),
                         "options.quantize")
     data = _read_bytes(model_source)
     model = load_model(data)
     report = Report(samples=0, batches=0, layers=[])
-    final = _fold_and_verify(model, report, None, options)
+    feeds = None
+    if samples_path is not None and options.verify_samples:
+        images, _ = _image_samples(model, samples_path, options)
+        if images is None:
+            feeds = _first(load_samples(samples_path), options.verify_samples)
+        else:
+            with images:
+                feeds = images.first(options.verify_samples)
+    final = _fold_and_verify(model, report, feeds, options)
     _stamp(
         final, _carried_spec(model), source_sha256=provenance.sha256_bytes(data), samples=None, samples_sha256=None,
         options=_provenance_options(options),
@@ -296,9 +313,10 @@ def _on_field(exc: InvalidOptions, field: str) -> InvalidOptions:
 
 
 def _fold_and_verify(model, report: Report, feeds, options: JobOptions) -> onnx.ModelProto:
-    folded = fold_batchnorms(model)
+    folded = fold_batchnorms(model, options.unfoldable)
+    # Real samples when there are any: random inputs only where there are none (see verify.py).
     check = check_equivalent(model, folded.model, None if feeds is None else [feeds], rtol=options.rtol, atol=options.atol,
-                             threads=options.threads)
+                             random_batches=0 if feeds is not None else 2, threads=options.threads)
     report.extra["fold"] = folded.to_dict()
     report.extra["verification"] = check.to_dict()
     return folded.model

@@ -34,6 +34,9 @@ class JobOptionsIn(BaseModel):
     verify_samples: int = Field(32, ge=0, le=1_000_000, description="Samples to compare folded vs unfolded on.")
     rtol: float | None = Field(None, ge=0, allow_inf_nan=False, description="Verification rtol (default: by float type).")
     atol: float | None = Field(None, ge=0, allow_inf_nan=False, description="Verification atol (default: by float type).")
+    unfoldable: Literal["keep", "affine"] = Field(
+        "keep", description="A BN with no exact linear neighbour stays BatchNormalization ('keep') or becomes Mul + Add "
+                            "('affine', for runtimes without BN).")
     preprocess: Preprocess = Field(None, description=(
         "Image samples only: how an image becomes model input (torchvision's Resize → CenterCrop → ToTensor → "
         "Normalize). The fields given override the spec the model carries (metadata 'bnfold.preprocess'); fields "

@@ -170,6 +170,16 @@ def _reshape(a, x, shape):
     return x.reshape(shape)
 
 
+def _slice(a, x, starts, ends, axes=None, steps=None):
+    """Slice (opset ≥ 10): starts/ends/axes/steps as tensors; Python slicing clamps like ONNX does."""
+    axes = range(len(starts)) if axes is None else [int(d) % x.ndim for d in axes]
+    steps = [1] * len(starts) if steps is None else steps
+    index = [slice(None)] * x.ndim
+    for d, start, end, step in zip(axes, starts, ends, steps):
+        index[d] = slice(int(start), int(end), int(step))
+    return x[tuple(index)]
+
+
 _OPS = {
     "Conv": _conv,
     "ConvTranspose": _conv_transpose,
@@ -181,6 +191,7 @@ _OPS = {
     "Relu": lambda a, x: np.maximum(x, 0.0),
     "BatchNormalization": _batch_norm,
     "Concat": lambda a, *xs: np.concatenate(xs, axis=a["axis"]),
+    "Slice": _slice,
     "Flatten": _flatten,
     "GlobalAveragePool": lambda a, x: x.mean(axis=tuple(range(2, x.ndim)), keepdims=True),
     "MaxPool": _max_pool,

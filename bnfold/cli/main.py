@@ -66,8 +66,23 @@ def _image_option(name: str, help: str):
 
 def _int8_option(name: str, help: str):
     return typer.Option(name, help=help, rich_help_panel="INT8 quantization")
+
+
 def _trust_option(name: str, help: str):
     return typer.Option(name, help=help, rich_help_panel="Can I trust it? (prior, labelled check, HTML page)")
+
+
+def _fold_option(name: str, help: str):
+    return typer.Option(name, help=help, rich_help_panel="Folding and verification")
+
+
+VerifySamples = Annotated[int, _fold_option("--verify-samples", "Samples the folded model is compared with the unfolded one "
+                                            "on (0: random inputs at the scale the model implies).")]
+Rtol = Annotated[Optional[float], _fold_option("--rtol", "Verification passes when max |Δ| ≤ atol + rtol·max |y| per output "
+                                               "(default: from the float type, 1.2e-4 for float32).")]
+Atol = Annotated[Optional[float], _fold_option("--atol", "Absolute part of the verification tolerance (default: rtol·2^-10).")]
+Unfoldable = Annotated[str, _fold_option("--unfoldable", "A BN with no exact linear neighbour: keep it as BatchNormalization, "
+                                         "or write it as Mul + Add (affine) for runtimes without BN.")]
 
 
 @app.command("recalibrate")
@@ -98,6 +113,10 @@ def recalibrate_command(
     layout: Annotated[Optional[str], _image_option("--layout", "NCHW or NHWC.")] = None,
     interpolation: Annotated[Optional[str], _image_option("--interpolation", "bilinear (default), nearest, bicubic, box, hamming, lanczos.")] = None,
     on_bad_image: Annotated[str, _image_option("--on-bad-image", "fail on an unreadable or mismatched image, or skip it (listed in the report).")] = "fail",
+    verify_samples: VerifySamples = 32,
+    rtol: Rtol = None,
+    atol: Atol = None,
+    unfoldable: Unfoldable = "keep",
     quantize: Annotated[Optional[str], _int8_option("--quantize", "int8: after folding, quantize statically (ONNX Runtime QDQ, "
                                                    "per-channel weights), calibrated on the same samples.")] = None,
     quantize_method: Annotated[str, _int8_option("--quantize-method", "Calibration: minmax, entropy or percentile.")] = "minmax",
@@ -127,7 +146,8 @@ def recalibrate_command(
             None if preprocess is None else str(preprocess), resize=resize, center_crop=crop, color=color, channels=channels,
             scale=scale, mean=mean, std=std, layout=layout, interpolation=interpolation)
         options = JobOptions(fold=fold, batch_size=batch_size, memory_budget=parse_bytes(memory_budget),
-                             preprocess=spec, on_bad_image=on_bad_image, quantize=quantize,
+                             preprocess=spec, on_bad_image=on_bad_image, verify_samples=verify_samples, rtol=rtol,
+                             atol=atol, unfoldable=unfoldable, quantize=quantize,
                              quantize_method=quantize_method, min_agreement=min_agreement, min_cosine=min_cosine,
                              prior=prior, allow_worse=allow_worse)
         check_writable(output, report, float_output, report_html)
@@ -153,11 +173,36 @@ def fold_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the folded model.")],
     report: Annotated[Optional[Path], typer.Option("--report", help="Write the JSON report here.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
+    samples: Annotated[Optional[Path], _fold_option(
+        "--samples", "Verify on these samples (.npy, .npz, or a folder / archive of images, preprocessed by the spec the "
+                     "model carries or --preprocess) instead of random inputs.")] = None,
+    verify_samples: VerifySamples = 32,
+    rtol: Rtol = None,
+    atol: Atol = None,
+    unfoldable: Unfoldable = "keep",
+    preprocess: Annotated[Optional[Path], _image_option("--preprocess", "JSON preprocessing spec for image --samples; the flags "
+                                                        "below override its fields, which override the spec the model carries.")] = None,
+    resize: Annotated[Optional[str], _image_option("--resize", "Shorter side (256) or exact HxW (224x320).")] = None,
+    crop: Annotated[Optional[str], _image_option("--crop", "Center crop: 224 or HxW; zero-pads if larger.")] = None,
+    color: Annotated[Optional[str], _image_option("--color", "rgb, grey or keep (the decoded channels).")] = None,
+    channels: Annotated[Optional[str], _image_option("--channels", "Channels to keep, in order, e.g. 2,1,0 for BGR.")] = None,
+    scale: Annotated[Optional[str], _image_option("--scale", "Pixel multiplier: auto (1/255, 1/65535 by depth), 1/255, 0.5 ...")] = None,
+    mean: Annotated[Optional[str], _image_option("--mean", "Per-channel mean after scaling, e.g. 0.485,0.456,0.406.")] = None,
+    std: Annotated[Optional[str], _image_option("--std", "Per-channel std, e.g. 0.229,0.224,0.225.")] = None,
+    layout: Annotated[Optional[str], _image_option("--layout", "NCHW or NHWC.")] = None,
+    interpolation: Annotated[Optional[str], _image_option("--interpolation", "bilinear (default), nearest, bicubic, box, hamming, lanczos.")] = None,
 ) -> None:
-    """Fold BN into neighbouring layers without recalibrating (verified on random inputs)."""
+    """Fold BN into neighbouring layers without recalibrating (verified on --samples, else on random inputs
+    at the scale the model's BN statistics imply)."""
     with errors_to_exit():
+        from bnfold.inputs.preprocess import overrides_from_text
+
+        spec = overrides_from_text(
+            None if preprocess is None else str(preprocess), resize=resize, center_crop=crop, color=color, channels=channels,
+            scale=scale, mean=mean, std=std, layout=layout, interpolation=interpolation)
+        options = JobOptions(verify_samples=verify_samples, rtol=rtol, atol=atol, unfoldable=unfoldable, preprocess=spec)
         check_writable(output, report)
-        job = fold_file(model)
+        job = fold_file(model, options, samples)
         write_outputs(output, job, report)
         if not quiet:
             print_fold(job.report)

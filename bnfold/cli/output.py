@@ -272,4 +272,6 @@ def print_fold(report: Report) -> None:
     check = report.extra.get("verification")
     if check:
         worst = max((o["max_abs"] for o in check.get("outputs", [])), default=0.0)
-        out.print(f"verified against the unfolded model: max |Δ| = {worst:.3g} over all outputs", highlight=False)
+        on = f"{check.get('feeds', 0)} batch(es) of samples" if check.get("feeds") else (
+            f"{check.get('random', 0)} random batch(es), {check.get('random_inputs', {}).get('note', 'standard normal')}")
+        out.print(f"verified against the unfolded model: max |Δ| = {worst:.3g} over all outputs, on {on}", highlight=False)

@@ -40,6 +40,7 @@ def recalibrate_remote(server: str, model: Path, samples: Path, options: JobOpti
                                   verify_samples=options.verify_samples, rtol=options.rtol, atol=options.atol,
                                   preprocess=options.preprocess,
                                   on_bad_image=None if options.on_bad_image == "fail" else options.on_bad_image,
+                                  unfoldable=None if options.unfoldable == "keep" else options.unfoldable,
                                   progress=callback, prior=options.prior or None,
                                   allow_worse=options.allow_worse or None, check_samples=check_samples,
                                   check_labels=check_labels, **_int8(options))

@@ -69,6 +69,7 @@ class SubmitOptions:
     atol: float | None = None
     preprocess: dict[str, Any] | None = None  # image samples only: fields overriding the model's spec
     on_bad_image: str | None = None  # image samples only: 'fail' or 'skip'
+    unfoldable: str | None = None  # a BN with no exact linear neighbour: 'keep' it as BN, or 'affine' (Mul + Add)
     quantize: str | None = None  # 'int8': quantize the folded model, gated by agreement with it
     quantize_method: str | None = None  # calibration: 'minmax', 'entropy' or 'percentile'
     min_agreement: float | None = None  # INT8 gate: least top-1 agreement with the float model

@@ -27,7 +27,10 @@ Forward (BN before the layer; the BN output must feed only that layer's data inp
   affine map, where the unfolded model would have had a·0 + b = b.
 * ``Gemm`` with transA = 0: B' = diag(a)·B', C' = β·C + α·b·B', β' = 1.
 
-Rules are tried in that order (backward, forward); otherwise the BN becomes
+Rules are tried in that order (backward, forward). A BN that no rule folds exactly (e.g.
+DenseNet's BNs after a Concat, followed by Relu) is by default kept as BatchNormalization
+(``unfoldable="keep"``): one op in every runtime, and its statistics are already the model's. With
+``unfoldable="affine"`` (for runtimes without BatchNormalization) it becomes
 ``Mul(x, a) → Add(·, b)`` with constants of shape (C, 1, …, 1), which broadcast over axis 1. A
 rule whose folded tensor would overflow its dtype (float16) does not apply. BNs that are not an
 affine map (``training_mode=1``, ``spatial=0`` of opset < 9, non-constant parameters,
@@ -53,12 +56,14 @@ import onnx
 from google.protobuf.message import EncodeError
 from onnx import helper, shape_inference
 
-from bnfold.errors import VerificationFailed, plural
+from bnfold.errors import InvalidOptions, VerificationFailed, plural
 from bnfold.folding.edit import EditableGraph
 from bnfold.onnx_graph import DEFAULT_DOMAINS, subgraph_batchnorms
 
 Fate = Literal["folded_backward", "folded_forward", "affine", "kept"]
 FATES: tuple[str, ...] = ("folded_backward", "folded_forward", "affine", "kept")
+#: what becomes of a BN no rule folds exactly: kept as BatchNormalization, or Mul + Add
+UNFOLDABLE: tuple[str, ...] = ("keep", "affine")
 
 
 @dataclasses.dataclass
@@ -118,16 +123,19 @@ class _Affine:
         return int(self.a.shape[0])
 
 
-def fold_batchnorms(model: onnx.ModelProto) -> FoldResult:
+def fold_batchnorms(model: onnx.ModelProto, unfoldable: str = "keep") -> FoldResult:
     """Fold every BatchNormalization of the main graph where exact (see module docstring).
 
-    Raises ``VerificationFailed`` if the rewritten model fails ``onnx.checker`` while the input
-    passes it (a bnfold bug; nothing should be written).
+    unfoldable: "keep" a BN that no rule folds, or turn it into Mul + Add ("affine").
+    Raises ``InvalidOptions`` for another `unfoldable`, ``VerificationFailed`` if the rewritten
+    model fails ``onnx.checker`` while the input passes it (a bnfold bug; nothing should be written).
     """
+    if unfoldable not in UNFOLDABLE:
+        raise InvalidOptions(f"unfoldable must be one of {', '.join(UNFOLDABLE)}, got {unfoldable!r}")
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
     graph = EditableGraph(folded)
-    decisions = [_fold_one(graph, bn) for bn in graph.batchnorms()]
+    decisions = [_fold_one(graph, bn, unfoldable) for bn in graph.batchnorms()]
     decisions += [
         FoldDecision(_label(bn), "kept", None, "inside an If/Loop/Scan body; only the main graph is folded")
         for bn in subgraph_batchnorms(folded.graph)
@@ -140,7 +148,7 @@ def fold_batchnorms(model: onnx.ModelProto) -> FoldResult:
 # --------------------------------------------------------------------------- per-BN decision
 
 
-def _fold_one(g: EditableGraph, bn: onnx.NodeProto) -> FoldDecision:
+def _fold_one(g: EditableGraph, bn: onnx.NodeProto, unfoldable: str) -> FoldDecision:
     name = _label(bn)
     try:
         aff = _bn_affine(g, bn)
@@ -153,6 +161,10 @@ def _fold_one(g: EditableGraph, bn: onnx.NodeProto) -> FoldDecision:
             return FoldDecision(name, fate, into, how)
         except _Skip as why:
             reasons.append(f"{fate.split('_')[1]}: {why}")
+    if unfoldable == "keep":
+        return FoldDecision(name, "kept", None, "no exact linear neighbour (" + "; ".join(reasons) + "); kept as "
+                            "BatchNormalization (--unfoldable affine, unfoldable='affine' in the library/SDK/service, "
+                            "writes Mul + Add instead)")
     try:
         _to_affine(g, bn, aff)
     except _Skip as why:
@@ -491,4 +503,4 @@ def _check(folded: onnx.ModelProto, original: onnx.ModelProto) -> list[str]:
         raise VerificationFailed(f"the folded model fails onnx.checker ({err}); this is a bnfold bug") from err
 
 
-__all__ = ["FATES", "Fate", "FoldDecision", "FoldResult", "fold_batchnorms"]
+__all__ = ["FATES", "UNFOLDABLE", "Fate", "FoldDecision", "FoldResult", "fold_batchnorms"]

@@ -1,8 +1,11 @@
 """Check that a folded model computes what the unfolded one does, in ONNX Runtime.
 
 Both models run on the same batches: the caller's feeds (e.g. a subset of the samples) and
-``random_batches`` standard-normal batches. For every output r (reference) and c (candidate),
-over all batches,
+``random_batches`` random batches, by default at the scale the model implies (`bnfold.folding.probe`:
+image-like noise·s + t fitted to the first BN's running statistics), or standard normal. Real samples are
+the better test: random inputs far from the data a network was calibrated on (squeeze-excite
+networks above all) push its outputs far beyond their real range, where the two models' roundings
+grow with them. For every output r (reference) and c (candidate), over all batches,
 
     max_abs = max |c − r|,   scale = max |r|,   max_rel = max_abs / scale,
 
@@ -33,9 +36,13 @@ import onnxruntime as ort
 from google.protobuf.message import EncodeError
 
 from bnfold.errors import InvalidOptions, InvalidSamples, UnsupportedModel, VerificationFailed, plural
+from bnfold.folding.probe import InputScale, batchnorm_statistics, fit_input_scale, probe_model
 
 #: fraction of elements of an integer/bool output that may differ (near-ties of an argmax)
 DISCRETE_FLIP_FRACTION = 1e-3
+
+#: how random batches are drawn: at the scale the model implies (probe.py), or standard normal
+RANDOM_INPUTS = ("implied", "normal")
 
 # Default tolerance, from the unit roundoff u = eps/2 of the output's dtype. Folding rounds each
 # folded weight once (relative error ≤ u) where the reference instead rounds ~5 times per BN
@@ -135,6 +142,7 @@ class VerifyReport:
     feeds: int
     random: int
     seed: int
+    random_inputs: InputScale | None = None  # how the random batches were drawn (None: there were none)
 
     @property
     def passed(self) -> bool:
@@ -153,14 +161,21 @@ class VerifyReport:
             for o in self.outputs
         ]
         counts = {"feeds": self.feeds, "random": self.random, "seed": self.seed}
-        return {"passed": self.passed, **counts, "outputs": outputs}
+        drawn = {"random_inputs": self.random_inputs.to_dict()} if self.random_inputs is not None else {}
+        return {"passed": self.passed, **counts, **drawn, "outputs": outputs}
 
     def failure_message(self) -> str:
         lines = "; ".join(o.describe() for o in self.failures)
+        drawn = f" ({self.random_inputs.note})" if self.random and self.random_inputs is not None else ""
+        hint = (
+            " If the random inputs are unlike your data, verify on samples instead (bnfold fold --samples FILE)."
+            if self.random else ""
+        )
         return (
             f"the folded model differs from the unfolded one on {lines} "
-            f"(over {self.feeds} given + {self.random} random batches). Nothing was written; "
-            "pass a larger rtol/atol only if this difference is acceptable."
+            f"(over {self.feeds} given + {self.random} random batches{drawn}). Nothing was written. "
+            "Only if this difference is acceptable, raise the tolerance: --rtol/--atol (bnfold recalibrate, "
+            f"bnfold fold), rtol/atol (JobOptions, the SDK and the service's job options).{hint}"
         )
 
 
@@ -172,6 +187,7 @@ def verify_equivalent(
     rtol: float | None = None,
     atol: float | None = None,
     random_batches: int = 2,
+    random_inputs: str = "implied",
     seed: int = 0,
     dims: Mapping[str, int] | None = None,
     providers: Sequence[str] | None = None,
@@ -181,13 +197,17 @@ def verify_equivalent(
 
     feeds: dicts input name → array (a bare array when the model has one input); consumed once.
     rtol/atol: override the per-dtype defaults of ``default_tolerance`` for every float output.
-    random_batches: standard-normal batches (integers in {0, 1}) shaped like the first feed,
-    else like the declared input shapes with symbolic dimensions from ``dims`` or 2 for axis 0
-    and 8 elsewhere. threads: ONNX Runtime intra-op threads (0: its default).
+    random_batches: float batches drawn as ``random_inputs`` says — "implied": image-like noise·s + t at
+    the scale the reference's first BN implies (`bnfold.folding.probe`), "normal": N(0, 1) —
+    and integers in {0, 1}, shaped like the first feed, else like the declared input shapes with
+    symbolic dimensions from ``dims`` or 2 for axis 0 and 8 elsewhere.
+    threads: ONNX Runtime intra-op threads (0: its default).
     Raises ``UnsupportedModel`` if ONNX Runtime cannot run the reference, ``VerificationFailed``
     if it cannot run the candidate or their signatures differ.
     """
     _check_options(rtol, atol, random_batches, threads)
+    if random_inputs not in RANDOM_INPUTS:
+        raise InvalidOptions(f"random_inputs must be one of {', '.join(RANDOM_INPUTS)}, got {random_inputs!r}")
     if feeds is None and random_batches == 0:
         raise InvalidOptions("nothing to compare: no feeds and random_batches=0")
     ref = _session(reference, "unfolded", UnsupportedModel, providers, threads)
@@ -200,13 +220,19 @@ def verify_equivalent(
         first = first or feed
         _compare(ref, cand, feed, diffs)
         given += 1
-    rng = np.random.default_rng(seed)
-    symbols = dict(dims or {})
-    for _ in range(random_batches):
-        _compare(ref, cand, {arg.name: _random(arg, first, symbols, rng) for arg in inputs}, diffs)
     if given + random_batches == 0:
         raise InvalidOptions("nothing to compare: no feeds and random_batches=0")
-    return VerifyReport([d.result() for d in diffs.values()], given, random_batches, seed)
+    drawn = None
+    if random_batches:
+        rng = np.random.default_rng(seed)
+        symbols = dict(dims or {})
+        shapes = {arg.name: _shape(arg, first, symbols) for arg in inputs}
+        drawn = InputScale()
+        if random_inputs == "implied":
+            drawn = _implied_scale(reference, inputs, shapes, rng, providers, threads)
+        for _ in range(random_batches):
+            _compare(ref, cand, {arg.name: _random(arg, shapes[arg.name], drawn, rng) for arg in inputs}, diffs)
+    return VerifyReport([d.result() for d in diffs.values()], given, random_batches, seed, drawn)
 
 
 def check_equivalent(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds=None, **kwargs) -> VerifyReport:
@@ -340,20 +366,50 @@ def _to_input_dtype(array: np.ndarray, arg) -> np.ndarray:
     return array
 
 
-def _random(arg, first: dict[str, np.ndarray] | None, symbols: dict[str, int], rng) -> np.ndarray:
-    dtype = _ORT_TYPES.get(arg.type)
-    if dtype is None:
-        raise UnsupportedModel(f"cannot generate random values for input {arg.name!r} of type {arg.type}; pass feeds")
+def _shape(arg, first: dict[str, np.ndarray] | None, symbols: dict[str, int]) -> tuple[int, ...]:
     template = first[arg.name] if first is not None else None
     if template is not None and template.ndim == len(arg.shape):
-        shape = template.shape
-    else:
-        shape = tuple(_dim(d, axis, symbols) for axis, d in enumerate(arg.shape))
+        return template.shape
+    return tuple(_dim(d, axis, symbols) for axis, d in enumerate(arg.shape))
+
+
+def _random(arg, shape: tuple[int, ...], drawn: InputScale, rng) -> np.ndarray:
+    dtype = _ORT_TYPES.get(arg.type)
+    if dtype is None:
+        raise UnsupportedModel(f"cannot generate random values for input {arg.name!r} of type {arg.type}; "
+                               "verify on samples instead (bnfold fold --samples FILE; feeds in the library)")
     if np.dtype(dtype).kind == "f":
-        return rng.standard_normal(shape).astype(dtype)
+        return drawn.draw(shape, dtype, rng)
     if dtype is np.bool_:
         return rng.random(shape) < 0.5
     return rng.integers(0, 2, shape).astype(dtype)  # {0, 1}: valid as an index or a flag
+
+
+def _implied_scale(reference, inputs: list, shapes: dict, rng, providers, threads: int) -> InputScale:
+    """`probe.fit_input_scale` on the reference's BNs; standard normal (with a note) if it cannot run."""
+    found = batchnorm_statistics(reference)
+    if not found:
+        return InputScale(note="standard normal: no BatchNormalization with constant statistics to fit to")
+    stats = [(bn.name or f"BatchNormalization({bn.output[0]})", bn.input[0], mean, var) for bn, mean, var in found]
+    floats = {a.name: np.zeros(shapes[a.name], _ORT_TYPES[a.type]) for a in inputs
+              if _ORT_TYPES.get(a.type) is not None and _is_float(_ORT_TYPES[a.type])}
+    if not floats:
+        return InputScale(note="standard normal: the model has no float input")
+    others = {a.name: _random(a, shapes[a.name], InputScale(), rng) for a in inputs if a.name not in floats}
+    try:
+        probe, outputs = probe_model(reference, [bn for bn, _, _ in found])
+        stats = [s for s in stats if s[1] in outputs]  # X of unknown rank is not probed
+        if not stats:
+            return InputScale(note="standard normal: no BN input of known rank to fit to")
+        session = _session(probe, "probe", UnsupportedModel, providers, threads)
+
+        def run(feeds: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+            values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+            return {x: (values[m], values[s]) for x, (m, s) in outputs.items()}
+
+        return fit_input_scale(run, stats, floats, others, rng)
+    except Exception as err:  # noqa: BLE001 - a failed probe only means less realistic random inputs
+        return InputScale(note=f"standard normal: probing the BN inputs failed ({str(err).splitlines()[0]})")
 
 
 def _dim(d: Any, axis: int, symbols: dict[str, int]) -> int:
@@ -377,6 +433,7 @@ def _check_options(rtol: float | None, atol: float | None, random_batches: int, 
 
 __all__ = [
     "DISCRETE_FLIP_FRACTION",
+    "RANDOM_INPUTS",
     "OutputDiff",
     "VerifyReport",
     "check_equivalent",

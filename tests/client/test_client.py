@@ -86,6 +86,13 @@ def test_folded_round_trip_equals_the_local_graph(client, local, tmp_path):
     onnx.checker.check_model(onnx.load(tmp_path / "adapted.onnx"))
 
 
+def test_unfoldable_reaches_the_job_and_a_bad_value_is_refused(client):
+    result = client.recalibrate(tiny_model(), samples_array(), unfoldable="affine")
+    assert result.job.raw["options"]["unfoldable"] == "affine" and result.report.extra["verification"]["passed"]
+    with pytest.raises(core.InvalidOptions, match="unfoldable"):
+        client.recalibrate(tiny_model(), samples_array(), unfoldable="mul")
+
+
 def test_async_client_round_trip(server, local):
     async def run():
         async with AsyncClient(server.url, KEY_A) as client:

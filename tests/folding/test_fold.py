@@ -85,10 +85,28 @@ def unit_roundoff(model: onnx.ModelProto) -> float:
     return float(np.finfo(helper.tensor_dtype_to_np_dtype(elem)).eps) / 2
 
 
-def fold_and_check(model: onnx.ModelProto, fates: list[str] | None = None, *, numeric: bool = True):
-    """Fold, then check decisions, validity, signature and (numeric) ORT and float64 equivalence."""
+def fold_and_check(model: onnx.ModelProto, fates: list[str] | None = None, *, numeric: bool = True,
+                   unfoldable: str | None = None):
+    """Fold, then check decisions, validity, signature and (numeric) ORT and float64 equivalence.
+
+    unfoldable None: where `fates` expects an "affine" BN, fold with unfoldable="affine" — and also
+    with the default "keep", where exactly those BNs must stay BatchNormalization (same names,
+    same reasons up to the note on Mul + Add); else the default."""
+    if unfoldable is None and fates is not None and "affine" in fates:
+        kept = _fold_checked(model, [f if f != "affine" else "kept" for f in fates], numeric, "keep")
+        result = _fold_checked(model, fates, numeric, "affine")
+        stay = {d.bn for d in kept.decisions if d.fate == "kept"}
+        assert stay == {d.bn for d in result.decisions if d.fate in ("affine", "kept")}
+        bn_nodes = [n for n in kept.model.graph.node if n.op_type == "BatchNormalization"]
+        assert {n.name or f"BatchNormalization({n.output[0]})" for n in bn_nodes} == stay
+        assert all("unfoldable='affine'" in d.reason for d, a in zip(kept.decisions, result.decisions) if a.fate == "affine")
+        return result
+    return _fold_checked(model, fates, numeric, unfoldable or "keep")
+
+
+def _fold_checked(model: onnx.ModelProto, fates: list[str] | None, numeric: bool, unfoldable: str):
     before = model.SerializeToString()
-    result = fold_batchnorms(model)
+    result = fold_batchnorms(model, unfoldable)
     assert model.SerializeToString() == before, "the input model was mutated"
     folded = result.model
     if fates is not None:
@@ -510,8 +528,10 @@ def test_to_dict_is_json():
     rng = np.random.default_rng(7)
     nodes = [bn_node("bn", "x", "y")]
     model = make_model(nodes, [("x", [2, 3])], [("y", None)], bn_inits(rng, "bn", 3))
-    out = fold_batchnorms(model).to_dict()
+    out = fold_batchnorms(model, "affine").to_dict()
     assert json.loads(json.dumps(out))["counts"] == {"folded_backward": 0, "folded_forward": 0, "affine": 1, "kept": 0}
+    out = fold_batchnorms(model).to_dict()
+    assert json.loads(json.dumps(out))["counts"] == {"folded_backward": 0, "folded_forward": 0, "affine": 0, "kept": 1}
     assert out["decisions"][0]["bn"] == "bn" and out["decisions"][0]["into"] is None
 
 
@@ -531,7 +551,7 @@ def test_fold_every_shared_model(name):
     from models import make_samples
 
     model = _all_models()[name]()
-    result = fold_batchnorms(model)
+    result = fold_batchnorms(model, "affine")
     assert not any(n.op_type == "BatchNormalization" for n in result.model.graph.node), result.decisions
     onnx.checker.check_model(result.model, full_check=True)
     samples = make_samples(model, 16, seed=1)
