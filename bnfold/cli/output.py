@@ -217,11 +217,11 @@ def print_trust(report: Report) -> None:
     signals = report.signals
     if signals and signals.get("kind") == "classifier":
         b, a = signals["before"], signals["after"]
-        out.print(f"signals (not accuracy) on {signals['samples']} samples: mean top probability "
+        out.print(f"signals (not accuracy) on {plural(signals['samples'], 'sample')}: mean top probability "
                   f"{b['mean_max_probability']:.1%} → {a['mean_max_probability']:.1%}, entropy {b['mean_entropy']:.3f} → "
                   f"{a['mean_entropy']:.3f} nats, {signals['changed_argmax']:.1%} of predictions changed", highlight=False)
     elif signals:
-        out.print(f"signals (not accuracy) on {signals['samples']} samples: output shift {signals['output_shift']:.3f} σ, "
+        out.print(f"signals (not accuracy) on {plural(signals['samples'], 'sample')}: output shift {signals['output_shift']:.3f} σ, "
                   f"spread ratio {signals['output_std_ratio']:.3f}", highlight=False)
     if report.check:
         c = report.check
@@ -250,7 +250,7 @@ def print_quantize(report: Report) -> None:
         figures = [f"top-1 agreement {o['top1']:.4f}"] if o.get("top1") is not None else []
         if o["kind"] != "discrete":
             figures.append(f"cosine {_figure(o['cosine'], '.5f')}, rel. max |Δ| {_figure(o['rel_max'], '.3g')}")
-        out.print(f"agreement with the float model on {q['gate']['samples']} samples, {o['name']}: {', '.join(figures)}",
+        out.print(f"agreement with the float model on {plural(q['gate']['samples'], 'sample')}, {o['name']}: {', '.join(figures)}",
                   highlight=False)
     for batch, t in q.get("latency", {}).items():
         if t["speedup"]:

@@ -47,6 +47,7 @@ import dataclasses
 import numpy as np
 
 from bnfold.engine.moments import per_sample_moments
+from bnfold.errors import plural
 
 
 @dataclasses.dataclass
@@ -271,7 +272,7 @@ def assess(layers: list[tuple[str, SampleStream, np.ndarray, float]], samples: i
     warnings = []
     if not sufficient:
         warnings.append(
-            f"{samples} samples are too few for the precision target (standard error ≤ {TARGET_MEAN:.0%} of σ for "
+            f"{plural(samples, 'sample')} {'is' if samples == 1 else 'are'} too few for the precision target (standard error ≤ {TARGET_MEAN:.0%} of σ for "
             f"the mean and ≤ {TARGET_VAR:.0%} of σ² for the variance, in {COVERAGE:.0%} of channels): about "
             f"{recommended} samples recommended")
     split = split_half([(name, stream, eps) for name, stream, _, eps in layers])

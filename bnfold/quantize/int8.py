@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from bnfold.errors import InvalidOptions, QuantizationRefused
+from bnfold.errors import InvalidOptions, QuantizationRefused, plural
 from bnfold.inputs.arrays import Samples, model_inputs
 from bnfold.onnx_graph import opset_version
 from bnfold.quantize import gate, measure
@@ -165,7 +165,7 @@ def _quantize(model: onnx.ModelProto, samples: Samples, options: Int8Options, wo
     report["gate"] = _gate(float_bytes, int8_bytes, passes, options)
     timings["gate"] = time.perf_counter() - tick
     if report["gate"]["failures"]:
-        raise _refused(f"the INT8 model disagrees with the float model on {report['gate']['samples']} samples: "
+        raise _refused(f"the INT8 model disagrees with the float model on {plural(report['gate']['samples'], 'sample')}: "
                        + "; ".join(report["gate"]["failures"]), report)
     if options.latency:
         tick = time.perf_counter()

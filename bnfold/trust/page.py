@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from bnfold.errors import InvalidOptions
+from bnfold.errors import InvalidOptions, plural
 
 FATE_WORDS = {"folded_backward": "folded into the layer before", "folded_forward": "folded into the layer after",
               "affine": "kept as a per-channel scale and shift", "kept": "kept as BatchNorm"}
@@ -111,7 +111,7 @@ def _help_section(Figure, report: dict[str, Any]) -> str:
     out = []
     if check:
         worse = check["after"] < check["before"]
-        out.append(f"<p class='{'warn' if worse else 'ok'}'><b>Labelled check</b> on {check['samples']} samples: "
+        out.append(f"<p class='{'warn' if worse else 'ok'}'><b>Labelled check</b> on {plural(check['samples'], 'sample')}: "
                    f"{check['metric'].replace('_', ' ')} {check['before']:.1%} before → <b>{check['after']:.1%}</b> "
                    "after adaptation.</p>")
     else:

@@ -469,5 +469,5 @@ def test_one_sample_is_singular(files, tmp_path):
     result = invoke("recalibrate", files / "model.onnx", tmp_path / "one.npy", "-o", tmp_path / "o.onnx", "--no-fold")
     assert result.exit_code == 0, result.stderr
     text = " ".join(result.stdout.split())  # the table title may wrap
-    assert "only 1 sample:" in text and "BN statistics on 1 sample (3 BN levels)" in text, text
+    assert "1 sample is too few" in text and "on 1 sample:" in text and "BN statistics on 1 sample (3 BN levels)" in text, text
     assert "1 samples" not in text

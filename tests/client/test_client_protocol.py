@@ -17,7 +17,8 @@ import pytest
 from service_helpers import KEY_A, samples_array, tiny_model
 
 from bnfold.client import AsyncClient, Client
-from bnfold.client.uploads import SubmitOptions, multipart, samples_part
+from bnfold.client.uploads import SubmitOptions, multipart
+from bnfold.errors import InvalidOptions
 
 
 def job_json(state: str = "running") -> dict:
@@ -113,17 +114,16 @@ def test_submit_options_become_the_options_part_and_unknown_ones_are_refused():
 
 
 def test_a_part_field_is_uploaded_under_its_name():
-    """How an optional upload is added: one field with metadata part=…; None sends nothing."""
-
-    @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
-    class WithCheck(SubmitOptions):
-        check_samples: np.ndarray | None = dataclasses.field(default=None, metadata={"part": samples_part})
-
-    body = multipart(tiny_model(), samples_array(), WithCheck(check_samples=np.ones((2, 3), np.float32)))[0]()
-    assert set(body) == {"model", "samples", "check_samples", "options"}
+    """Optional uploads are fields with metadata part=… (the labelled check); None sends nothing."""
+    check = SubmitOptions(check_samples=np.ones((2, 3), np.float32), check_labels=np.array([0, 1]))
+    body = multipart(tiny_model(), samples_array(), check)[0]()
+    assert set(body) == {"model", "samples", "check_samples", "check_labels", "options"}
     assert json.loads(body["options"][1]) == {"fold": True}
     assert np.load(body["check_samples"][1]).tolist() == np.ones((2, 3)).tolist()
-    assert set(multipart(tiny_model(), samples_array(), WithCheck())[0]()) == {"model", "samples", "options"}
+    assert np.load(body["check_labels"][1]).tolist() == [0, 1]
+    assert set(multipart(tiny_model(), samples_array(), SubmitOptions())[0]()) == {"model", "samples", "options"}
+    with pytest.raises(InvalidOptions, match="both check_samples and check_labels"):
+        SubmitOptions(check_samples=np.ones((2, 3), np.float32))
 
 
 def test_both_clients_show_the_same_methods_and_signatures_and_the_async_ones_are_coroutines():
