@@ -21,7 +21,7 @@ import onnx
 
 from bnfold import provenance
 from bnfold.engine.plan import require_batchnorms
-from bnfold.engine.recalibrate import DEFAULT_MEMORY_BUDGET, Progress, recalibrate
+from bnfold.engine.recalibrate import DEFAULT_MEMORY_BUDGET, Progress, check_providers, recalibrate
 from bnfold.errors import InvalidOptions, InvalidSamples
 from bnfold.folding.fold import fold_batchnorms
 from bnfold.folding.verify import check_equivalent
@@ -36,18 +36,19 @@ if TYPE_CHECKING:  # the image extra (Pillow, tifffile, pydantic) is imported on
 @dataclasses.dataclass(frozen=True)
 class JobOptions:
     """fold: fold BN away after recalibration. batch_size: samples per ORT call.
-    memory_budget: bytes of cut tensors kept in RAM. verify_samples: samples of the set used to
+    memory_budget: bytes of cut tensors kept in RAM (None: half the RAM available). verify_samples: samples of the set used to
     compare folded vs unfolded (random inputs are added). rtol/atol: verification tolerance
     (None: derived from the model's float type). Image samples (folders/archives, `bnfold.images`):
     preprocess: a `PreprocessSpec`, or a dict of its fields overriding the spec the model carries;
     on_bad_image: 'fail' or 'skip' an unreadable/mismatched image; image_limits: decoding bounds.
     Where and how fast, never what (kept out of the provenance): spill_dir: folder for the cut
     tensors beyond memory_budget (None: the system's temporary folder); threads: ONNX Runtime
-    intra-op threads for recalibration and verification (0: one per core)."""
+    intra-op threads for recalibration and verification (0: one per core); providers: ONNX Runtime
+    execution providers for both, in order of preference (None: CPU)."""
 
     fold: bool = True
     batch_size: int = 64
-    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    memory_budget: int | None = DEFAULT_MEMORY_BUDGET
     verify_samples: int = 32
     rtol: float | None = None
     atol: float | None = None
@@ -56,6 +57,7 @@ class JobOptions:
     image_limits: ImageLimits | None = None
     spill_dir: str | os.PathLike | None = None
     threads: int = 0
+    providers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.on_bad_image not in ("fail", "skip"):
@@ -72,7 +74,9 @@ class JobOptions:
             raise InvalidOptions(f"threads must be an integer ≥ 0 (0: one per core), got {self.threads!r}")
         if self.batch_size < 1:
             raise InvalidOptions(f"batch_size must be ≥ 1, got {self.batch_size}")
-        if self.memory_budget < 0:
+        if self.providers is not None:
+            object.__setattr__(self, "providers", check_providers(self.providers))
+        if self.memory_budget is not None and self.memory_budget < 0:
             raise InvalidOptions(f"memory_budget must be ≥ 0 bytes, got {self.memory_budget}")
         if self.verify_samples < 0:
             raise InvalidOptions(f"verify_samples must be ≥ 0, got {self.verify_samples}")
@@ -104,6 +108,7 @@ def recalibrate_files(
         result = recalibrate(
             model, samples, batch_size=options.batch_size, memory_budget=options.memory_budget,
             spill_dir=None if options.spill_dir is None else os.fspath(options.spill_dir), threads=options.threads,
+            providers=options.providers,
             progress=progress,
         )
         if images is not None:
@@ -180,8 +185,8 @@ def _stamp(model: onnx.ModelProto, spec_json: str | None, **entries) -> None:
 
 
 def _provenance_options(options: JobOptions) -> dict[str, Any]:
-    """The options that decide the result; spill_dir and threads do not (and a server's paths stay private)."""
-    return {k: v for k, v in dataclasses.asdict(options).items() if k not in ("spill_dir", "threads")}
+    """The options that decide the result; spill_dir, threads and providers do not (and a server's paths stay private)."""
+    return {k: v for k, v in dataclasses.asdict(options).items() if k not in ("spill_dir", "threads", "providers")}
 
 
 @contextlib.contextmanager
@@ -202,7 +207,7 @@ def _on_field(exc: InvalidOptions, field: str) -> InvalidOptions:
 def _fold_and_verify(model, report: Report, feeds, options: JobOptions) -> onnx.ModelProto:
     folded = fold_batchnorms(model)
     check = check_equivalent(model, folded.model, None if feeds is None else [feeds], rtol=options.rtol, atol=options.atol,
-                             threads=options.threads)
+                             threads=options.threads, providers=options.providers)
     report.extra["fold"] = folded.to_dict()
     report.extra["verification"] = check.to_dict()
     return folded.model

@@ -57,7 +57,7 @@ def _exit_when_closed(lifeline: Connection) -> None:
 def job_runtime(settings: Settings) -> dict[str, Any]:
     """The server's side of a job's options (the client's are `options`): plain data for the job process."""
     return {"memory_budget": int(settings.job_memory_budget), "threads": settings.resolved_job_threads,
-            "image_limits": settings.image_limits()}
+            "image_limits": settings.image_limits(), "providers": list(settings.job_providers)}
 
 
 def run_job(job_dir: str, samples_file: str, options: dict[str, Any], runtime: dict[str, Any], conn: Connection) -> None:
@@ -72,6 +72,7 @@ def run_job(job_dir: str, samples_file: str, options: dict[str, Any], runtime: d
         # the job as well: this process is the job's alone, so its temporary folder can be too.
         tempfile.tempdir = str(spill)
         job_options = JobOptions(**options, memory_budget=runtime["memory_budget"], threads=runtime["threads"],
+                                 providers=tuple(runtime.get("providers") or ("CPUExecutionProvider",)),
                                  image_limits=ImageLimits(**runtime["image_limits"]), spill_dir=spill)
         output = recalibrate_files(directory / MODEL_FILE, directory / samples_file, job_options, report.recalibrating)
         report("writing results", 0.95)

@@ -497,3 +497,10 @@ def test_constant_node_bn_parameters(style):
     plain = bnfold.recalibrate(reference_model, samples, batch_size=5).model
     run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": samples["x"][:3]})[0]
     np.testing.assert_allclose(run(result.model), run(plain), rtol=1e-6, atol=1e-6)
+
+
+def test_unavailable_provider():
+    _raises(InvalidOptions, lambda: bnfold.recalibrate(conv_bn(), _x(), providers=["NoSuchExecutionProvider"]),
+            "NoSuchExecutionProvider", "available")
+    result = bnfold.recalibrate(conv_bn(), _x(), providers=("CPUExecutionProvider",))
+    assert result.report.layers

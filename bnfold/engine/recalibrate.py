@@ -16,6 +16,7 @@ the store's budget, not the sample count.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable, Sequence
 
@@ -26,6 +27,7 @@ from onnx import numpy_helper
 
 import bnfold.onnx_graph as og
 from bnfold.engine import plan as g
+from bnfold.engine.memory import default_memory_budget
 from bnfold.engine.moments import Moments
 from bnfold.engine.store import TensorStore
 from bnfold.errors import InvalidOptions, UnsupportedModel
@@ -33,7 +35,7 @@ from bnfold.inputs.arrays import Samples, iter_batches, model_inputs
 from bnfold.inputs.model import check_model
 from bnfold.report import RECOMMENDED_MIN_SAMPLES, LayerReport, Report, shift_score
 
-DEFAULT_MEMORY_BUDGET = 2 * 2**30
+DEFAULT_MEMORY_BUDGET = None  # sized from the RAM available at the start of each run (engine.memory)
 
 Progress = Callable[[str, float], None]
 
@@ -51,7 +53,7 @@ def recalibrate(
     samples: Samples,
     *,
     batch_size: int = 64,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
     spill_dir: str | None = None,
     providers: Sequence[str] | None = None,
     threads: int = 0,
@@ -62,15 +64,19 @@ def recalibrate(
     samples: one array (N, ...) for single-input models, a dict {input name: array}, or an
         iterable of such batches (read once, lazily). Float arrays are cast to the input's type.
     batch_size: samples per ONNX Runtime call (speed/memory only; results do not depend on it).
-    memory_budget: bytes of cut tensors kept in RAM between stages before spilling to disk.
+    memory_budget: bytes of cut tensors kept in RAM between stages before spilling to disk
+        (None: half of the RAM available now, cgroup limits included; see `engine.memory`).
     providers: ONNX Runtime execution providers (default: CPU).
     threads: ONNX Runtime intra-op threads (0: one per core), e.g. to share cores between jobs.
     progress: called as progress(description, fraction in [0, 1]).
     """
+    if memory_budget is None:
+        memory_budget = default_memory_budget()
     if memory_budget < 0:
         raise InvalidOptions(f"memory_budget must be ≥ 0 bytes, got {memory_budget}")
     if threads < 0:
         raise InvalidOptions(f"threads must be ≥ 0 (0: one per core), got {threads}")
+    providers = check_providers(providers) if providers is not None else None
     started = time.perf_counter()
     check_model(model)
     work, notes = _with_private_statistics(model, g.find_batchnorms(model))
@@ -78,14 +84,36 @@ def recalibrate(
     notes += _subgraph_batchnorm_notes(work)
     plan = g.plan_stages(work, batchnorms)
     runner = _StageRunner(work, plan, providers, threads, progress)
+    planned = time.perf_counter()
     with TensorStore(memory_budget, spill_dir) as store:
         batches = iter_batches(samples, model_inputs(work), batch_size)
         runner.run(batches, store, batchnorms)
         store_use = {"peak_bytes_in_memory": store.peak_bytes_in_memory, "bytes_spilled": store.bytes_spilled}
-    runner.timings["total"] = time.perf_counter() - started
+    ran = time.perf_counter()
     result = _result(work, batchnorms, plan, runner, notes)
-    result.report.extra["store"] = store_use
+    result.report.extra["store"] = store_use | {"memory_budget": memory_budget}
+    timings = runner.timings
+    timings["planning"] = planned - started
+    # the loop itself, progress callbacks: negative only if a part were counted twice (tested)
+    timings["other"] = ran - planned - sum(timings[k] for k in ("reading", "sessions", "onnxruntime", "statistics", "store"))
+    timings["report"] = time.perf_counter() - ran
+    timings["total"] = time.perf_counter() - started
     return result
+
+
+def check_providers(providers: Sequence[str]) -> tuple[str, ...]:
+    """ONNX Runtime execution provider names, each available in this onnxruntime build, as a tuple."""
+    if isinstance(providers, str):
+        providers = [p for p in providers.split(",") if p.strip()]
+    names = tuple(str(p).strip() for p in providers)
+    available = ort.get_available_providers()
+    unknown = [p for p in names if p not in available]
+    if unknown or not names:
+        raise InvalidOptions(
+            f"execution provider(s) {unknown or 'none given'} not available in this onnxruntime build; "
+            f"available: {', '.join(available)}"
+        )
+    return names
 
 
 class _StageRunner:
@@ -105,26 +133,39 @@ class _StageRunner:
         self.types: dict[str, tuple[int, int]] = {}  # tensor -> (onnx elem type, rank)
         self.samples = 0
         self.batches = 0
-        self.timings: dict[str, float] = {"onnxruntime": 0.0, "statistics": 0.0, "store": 0.0}
+        # seconds per part; with "planning" and "report" (set by `recalibrate`) they add up to "total"
+        self.timings: dict[str, float] = dict.fromkeys(("reading", "sessions", "onnxruntime", "statistics", "store"), 0.0)
 
     def run(self, batches, store: TensorStore, batchnorms: list[g.BatchNorm]) -> None:
         for s in range(self.plan.num_stages):
             self.moments.update({x: None for x in self.plan.measure[s]})
             session = None
             for b, feeds in enumerate(self._feeds(s, batches, store)):
-                session = session or self._session(s, feeds)
+                session = session or self._timed("sessions", self._session, s, feeds)
                 self._step(s, b, session, feeds, store)
                 self.progress(f"BN level {s + 1}/{self.plan.num_stages}", self._fraction(s, b))
             for name in [t for t, last in self.plan.last_use.items() if last == s]:
-                store.drop(name)
-            self._set_statistics([bn for bn in batchnorms if self.plan.levels[bn.name] == s])
+                store.drop(name)  # graph inputs kept for later stages; cut tensors went batch by batch
+            self._timed("statistics", self._set_statistics, [bn for bn in batchnorms if self.plan.levels[bn.name] == s])
+
+    def _timed(self, part: str, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.timings[part] += time.perf_counter() - t0
 
     def _feeds(self, s, batches, store):
         """Stage 0 reads the samples (once); later stages read the cut tensors kept in the store."""
         if s > 0:
-            yield from ({t: store.get(t, b) for t in self.plan.inputs[s]} for b in range(self.batches))
+            for b in range(self.batches):
+                yield self._timed("store", lambda: {t: store.get(t, b) for t in self.plan.inputs[s]})
             return
-        for b, batch in enumerate(batches):
+        batches = iter(batches)
+        for b in itertools.count():
+            batch = self._timed("reading", next, batches, None)
+            if batch is None:
+                return
             self.samples += next(iter(batch.values())).shape[0]
             self.batches += 1
             for name in self.plan.late_inputs:
@@ -152,6 +193,9 @@ class _StageRunner:
             self.types.setdefault(name, _type_of(value))
             if self.plan.last_use.get(name, -1) > s:
                 store.put(name, b, value)
+        if s > 0:  # inputs no later stage reads are freed now: ORT's arena reuses them for the next batch
+            for name in self.plan.inputs[s]:
+                store.done(name, b, last=self.plan.last_use.get(name) == s)
         self.timings["onnxruntime"] += t1 - t0
         self.timings["statistics"] += t2 - t1
         self.timings["store"] += time.perf_counter() - t2

@@ -394,3 +394,26 @@ def test_process_failure_is_one_line(processes):
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: not an ONNX model"), stderr
     assert not (out / "bad.onnx").exists()
+
+
+def test_memory_budget_auto_is_sized_from_available_ram(files, tmp_path):
+    from bnfold.engine.memory import MIN_BUDGET
+
+    assert parse_bytes("auto") is None and parse_bytes(" AUTO ") is None
+    report = tmp_path / "r.json"
+    result = invoke("recalibrate", files / "model.onnx", files / "samples.npy", "-o", tmp_path / "o.onnx",
+                    "--report", report, "--batch-size", "5", "--no-fold", "-q")
+    assert result.exit_code == 0, result.stderr
+    store = json.loads(report.read_text())["extra"]["store"]
+    assert store["memory_budget"] >= MIN_BUDGET and store["bytes_spilled"] == 0
+
+
+def test_providers_option(files, tmp_path):
+    ok = invoke("recalibrate", files / "model.onnx", files / "samples.npy", "-o", tmp_path / "o.onnx",
+                "--providers", "CPUExecutionProvider", "--batch-size", "5", "-q")
+    assert ok.exit_code == 0, ok.stderr
+    bad = invoke("recalibrate", files / "model.onnx", files / "samples.npy", "-o", tmp_path / "p.onnx",
+                 "--providers", "NoSuchExecutionProvider", "-q")
+    assert bad.exit_code != 0 and not (tmp_path / "p.onnx").exists()
+    assert "NoSuchExecutionProvider" in bad.stderr and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

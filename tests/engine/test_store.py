@@ -142,3 +142,19 @@ def test_spilling_over_many_levels_matches_the_reference(budget):
     store = result.report.extra["store"]
     assert (store["bytes_spilled"] > 0) == (budget < 2**30)
     assert store["peak_bytes_in_memory"] <= budget
+
+
+# -- per-batch release ------------------------------------------------------------------------------
+
+def test_done_releases_only_the_last_read(tmp_path):
+    with TensorStore(budget=32, spill_dir=tmp_path) as store:
+        store.put("a", 0, _array(1.0))  # memory
+        store.put("a", 1, _array(2.0))  # disk
+        store.done("a", 0, last=False)
+        np.testing.assert_array_equal(store.get("a", 0), _array(1.0))
+        store.done("a", 0, last=True)
+        assert store.bytes_in_memory == 0
+        with pytest.raises(KeyError):
+            store.get("a", 0)
+        store.done("a", 1, last=True)
+        assert os.listdir(tmp_path / _spill_dirs(tmp_path)[0]) == []
