@@ -14,6 +14,8 @@ building, reading, saving are all inside), interleaved per repeat pass, bnfold, 
              samples in batches of 64, save the model (onnx.save) — the floor
   bnfold     ``bnfold.pipeline.recalibrate_files(model, samples.npy, JobOptions(fold=False))``
              (what ``bnfold recalibrate --no-fold`` runs: default options), save the model
+  bnfold_base  the same job with the bnfold found at ``--base`` (e.g. an unpacked older commit:
+             ``git archive <commit> bnfold | tar -x -C /tmp/base``, plus its built C kernel): before/after
   update_bn  torch ``swa_utils.update_bn`` on the same weights and samples (approximate;
              building the torch model is not timed), batches of 64
 
@@ -50,14 +52,21 @@ def _case(spec: str) -> tuple[str, int, int]:
 
 
 def _files(workdir: str, arch: str, size: int, n: int) -> tuple[str, str]:
+    """Model and samples files, made in a child process: the driver must stay small, because a
+    child's ru_maxrss starts from the RSS of the process that forked it (Linux keeps the larger
+    hiwater across fork and exec), so a big driver would raise every method's peak RSS."""
     if arch == "resnet18bench":
         from bench import models
 
-        paths = models.prepare(workdir, (n,), log=lambda *a: None)
-        return paths["onnx"], paths[f"samples_{n}"]
-    from bench import real_models
+        cmd = ["-m", "bench.models", "--workdir", workdir, "--samples", str(n)]
+        paths = (Path(workdir) / models.MODEL_FILE, Path(workdir) / models.samples_file(n))
+    else:
+        from bench import real_models
 
-    return real_models.prepare(workdir, arch, n, size)
+        cmd = ["-m", "bench.real_models", "--workdir", workdir, "--archs", arch, "--samples", str(n), "--size", str(size)]
+        paths = (real_models.model_path(workdir, arch, size), real_models.samples_path(workdir, n, size))
+    subprocess.run([sys.executable, *cmd], check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return str(paths[0]), str(paths[1])
 
 
 def _cpu() -> float:
@@ -178,14 +187,27 @@ def fixed_point_residual(model_path: str, samples_path: str) -> tuple[float, flo
     return worst_mu, worst_var
 
 
+def _check(model: str, samples: str, tmp: str) -> tuple[float, float] | None:
+    """`fixed_point_residual` in a child process (it holds every BN input of a batch)."""
+    out = os.path.join(tmp, "check.json")
+    code = ("import json, sys; from bench.bench_real import fixed_point_residual as f; "
+            "json.dump(f(sys.argv[1], sys.argv[2]), open(sys.argv[3], 'w'))")
+    proc = subprocess.run([sys.executable, "-c", code, model, samples, out], cwd=ROOT, capture_output=True, text=True)
+    return tuple(json.loads(Path(out).read_text())) if proc.returncode == 0 else None
+
+
 # ---- driver -------------------------------------------------------------------------------------
 
 
-def _run(method, arch, model, samples, tmp, keep=None) -> dict:
+def _run(method, arch, model, samples, tmp, keep=None, base=None) -> dict:
     result = os.path.join(tmp, f"{method}.json")
-    cmd = [sys.executable, "-m", "bench.bench_real", "--worker", method, "--arch", arch, "--model", model,
+    worker = "bnfold" if method == "bnfold_base" else method
+    cmd = [sys.executable, "-m", "bench.bench_real", "--worker", worker, "--arch", arch, "--model", model,
            "--samples-file", samples, "--result", result, *(["--keep", keep] if keep else [])]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    env = dict(os.environ)
+    if method == "bnfold_base":  # that bnfold first on the path; bench/ still from this tree (cwd)
+        env["PYTHONPATH"] = os.pathsep.join([base, str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode or not os.path.exists(result):
         return {"method": method, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     return json.loads(Path(result).read_text())
@@ -209,12 +231,12 @@ def driver(args) -> int:
             kept = os.path.join(tmp, "bnfold.onnx")
             for r in range(args.repeats):
                 for m in methods:
-                    info = _run(m, arch, model, samples, tmp, kept if m == "bnfold" else None)
+                    info = _run(m, arch, model, samples, tmp, kept if m == "bnfold" else None, args.base)
                     info["repeat"] = r
                     runs[m].append(info)
                     print(f"  {label:34s} {m:9s} " + (f"{info['seconds']:.2f} s, CPU {info['cpu_seconds']:.2f} s, "
                           f"peak RSS {_gib(info['maxrss'])} GiB" if "seconds" in info else info["error"]), flush=True)  # fmt: skip
-            check = fixed_point_residual(kept, samples) if args.check and os.path.exists(kept) else None
+            check = _check(kept, samples, tmp) if args.check and os.path.exists(kept) else None
         raw[label] = runs
         rows.append(_summary(label, runs, check))
     total = time.perf_counter() - started
@@ -275,6 +297,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--workdir", default="bench/out")
     ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--base", help="folder holding an older bnfold package, for the method bnfold_base")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--arch", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
