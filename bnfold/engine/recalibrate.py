@@ -122,6 +122,7 @@ class _StageRunner:
     def __init__(self, model: onnx.ModelProto, plan: g.StagePlan, providers, threads: int, progress: Progress | None):
         self.threads = threads
         self.inferred_types = og.value_types(model)  # once: stage outputs get their types from it
+        self.constants = og.constant_tensors(model.graph)  # once: the graph is never edited here
         self.model = model
         self.plan = plan
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
@@ -207,7 +208,7 @@ class _StageRunner:
             self.types.setdefault(name, _type_of(value))
         stage = g.stage_model(
             self.model, self.plan, s, self.types, self.overrides | self.stage_overrides, self.replacements,
-            self.inferred_types,
+            self.inferred_types, self.constants,
         )
         try:
             options = _quiet_options()
@@ -217,7 +218,7 @@ class _StageRunner:
             raise UnsupportedModel(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from None
 
     def _set_statistics(self, level: list[g.BatchNorm]) -> None:
-        constants = og.constant_tensors(self.model.graph)
+        constants = self.constants
         for bn in level:
             moments = self.moments[bn.x]
             for name, value in ((bn.mean, moments.mean), (bn.var, moments.var)):
