@@ -93,13 +93,14 @@ def _job_pass(model_path, samples_path, out, info):
 def _job_bnfold(model_path, samples_path, out, info):
     import onnx
 
+    from bnfold.engine.memory import default_memory_budget
     from bnfold.pipeline import JobOptions, recalibrate_files
 
+    info["memory_budget"] = default_memory_budget()  # what the job's auto budget sees, just before it
     result = recalibrate_files(model_path, samples_path, JobOptions(fold=False))
     onnx.save(result.model, out)
     info["timings"] = {k: float(v) for k, v in result.report.timings.items()}
     info["store"] = result.report.extra.get("store")
-    info["memory_budget"] = result.report.extra.get("memory_budget")
 
 
 def _job_update_bn(model_path, samples_path, out, info, arch):
@@ -264,6 +265,7 @@ def _summary(label, runs, check) -> dict:
             "maxrss": max(i["maxrss"] for i in rs),
             "timings": rs[len(rs) // 2].get("timings"),
             "store": rs[len(rs) // 2].get("store"),
+            "memory_budget": rs[len(rs) // 2].get("memory_budget"),
         }
     return row
 
@@ -288,7 +290,8 @@ def _table(rows, methods) -> None:
         if t:
             total = t["total"]
             parts = ", ".join(f"{k} {v / total:.0%}" for k, v in t.items() if k != "total")
-            print(f"  {row['case']}: total {total:.1f} s = {parts}; store {row['bnfold'].get('store')}")
+            print(f"  {row['case']}: total {total:.1f} s = {parts}; store {row['bnfold'].get('store')}, "
+                  f"budget {row['bnfold'].get('memory_budget')}")
 
 
 def main(argv=None) -> int:

@@ -91,7 +91,7 @@ def recalibrate(
         store_use = {"peak_bytes_in_memory": store.peak_bytes_in_memory, "bytes_spilled": store.bytes_spilled}
     ran = time.perf_counter()
     result = _result(work, batchnorms, plan, runner, notes)
-    result.report.extra["store"] = store_use | {"memory_budget": memory_budget}
+    result.report.extra["store"] = store_use
     timings = runner.timings
     timings["planning"] = planned - started
     # the loop itself, progress callbacks: negative only if a part were counted twice (tested)

@@ -45,8 +45,6 @@ def test_remote_recalibration_writes_what_the_local_one_writes(server, files, fo
                    "--report", files / "remote.json", fold, "--server", server.url)
     assert here.exit_code == 0 and there.exit_code == 0, there.stderr
     local, remote = (json.loads((files / f"{name}.json").read_text()) for name in ("local", "remote"))
-    # the memory budget is the machine's (local: sized from its RAM; remote: the server's setting)
-    assert local["extra"]["store"].pop("memory_budget") > 0 and remote["extra"]["store"].pop("memory_budget") > 0
     assert local.pop("timings").keys() == remote.pop("timings").keys() and local == remote
     if fold == "--no-fold":
         assert (files / "remote.onnx").read_bytes() == (files / "local.onnx").read_bytes()
