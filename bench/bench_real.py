@@ -194,7 +194,7 @@ def _check(model: str, samples: str, tmp: str) -> tuple[float, float] | None:
     out = os.path.join(tmp, "check.json")
     code = ("import json, sys; from bench.bench_real import fixed_point_residual as f; "
             "json.dump(f(sys.argv[1], sys.argv[2]), open(sys.argv[3], 'w'))")
-    proc = subprocess.run([sys.executable, "-c", code, model, samples, out], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code, model, samples, out], cwd=ROOT, capture_output=True, text=True, check=False)
     return tuple(json.loads(Path(out).read_text())) if proc.returncode == 0 else None
 
 
@@ -209,7 +209,7 @@ def _run(method, arch, model, samples, tmp, keep=None, base=None) -> dict:
     env = dict(os.environ)
     if method == "bnfold_base":  # that bnfold first on the path; bench/ still from this tree (cwd)
         env["PYTHONPATH"] = os.pathsep.join([base, str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
     if proc.returncode or not os.path.exists(result):
         return {"method": method, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     return json.loads(Path(result).read_text())

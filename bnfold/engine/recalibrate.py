@@ -165,7 +165,7 @@ class _StageRunner:
         """Stage 0 reads the samples (once); later stages read the cut tensors kept in the store."""
         if s > 0:
             for b in range(self.batches):
-                yield self._timed("store", lambda: {t: store.get(t, b) for t in self.plan.inputs[s]})
+                yield self._timed("store", lambda b=b: {t: store.get(t, b) for t in self.plan.inputs[s]})
             return
         batches = iter(batches)
         for b in itertools.count():

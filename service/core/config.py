@@ -64,10 +64,11 @@ class Settings(BaseSettings):
     @classmethod
     def _available_providers(cls, value):
         from bnfold.engine.recalibrate import check_providers
+        from bnfold.errors import InvalidOptions
 
         try:
             return list(check_providers(value))
-        except Exception as exc:  # InvalidOptions: reported as this variable's validation error
+        except InvalidOptions as exc:  # reported as this variable's validation error
             raise ValueError(str(exc)) from None
 
     @field_validator("api_keys", mode="before")

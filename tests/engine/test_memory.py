@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from bnfold.engine.memory import FALLBACK_BUDGET, MIN_BUDGET, available_memory, default_memory_budget
+from bnfold.engine.memory import (
+    FALLBACK_BUDGET,
+    MIN_BUDGET,
+    available_memory,
+    default_memory_budget,
+)
 
 GIB = 2**30
 
