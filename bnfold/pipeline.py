@@ -23,7 +23,7 @@ import onnx
 
 from bnfold import provenance
 from bnfold.engine.plan import require_batchnorms
-from bnfold.engine.recalibrate import DEFAULT_MEMORY_BUDGET, Progress, recalibrate
+from bnfold.engine.recalibrate import DEFAULT_MEMORY_BUDGET, Progress, check_providers, recalibrate
 from bnfold.errors import InvalidOptions, InvalidSamples, QuantizationRefused
 from bnfold.folding.fold import UNFOLDABLE, fold_batchnorms
 from bnfold.folding.verify import check_equivalent
@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # the image extra (Pillow, tifffile, pydantic) is imported on
 @dataclasses.dataclass(frozen=True)
 class JobOptions:
     """fold: fold BN away after recalibration. batch_size: samples per ORT call.
-    memory_budget: bytes of cut tensors kept in RAM. verify_samples: samples of the set used to
+    memory_budget: bytes of cut tensors kept in RAM (None: half the RAM available). verify_samples: samples of the set used to
     compare folded vs unfolded (0: random inputs at the scale the model implies). rtol/atol:
     verification tolerance (None: derived from the model's float type). unfoldable: a BN with no
     exact linear neighbour is kept as BatchNormalization ('keep') or becomes Mul + Add ('affine').
@@ -56,7 +56,8 @@ class JobOptions:
     Where and how fast, never what (kept out of the provenance): spill_dir: folder for the cut
     tensors beyond memory_budget (None: the system's temporary folder); threads: ONNX Runtime
     intra-op threads for recalibration and verification (0: one per core); disk_budget: bytes the spilled
-    tensors may take on disk (None: unbounded; past it `DiskBudgetExceeded`).
+    tensors may take on disk (None: unbounded; past it `DiskBudgetExceeded`); providers: ONNX Runtime
+    execution providers for recalibration and verification, in order of preference (None: CPU).
     INT8 (`bnfold.quantize`): quantize: None, or 'int8' to quantize the folded model statically,
     calibrated on the same samples (needs fold); quantize_method: 'minmax', 'entropy' or 'percentile';
     min_agreement / min_cosine: the agreement gate's thresholds (top-1 agreement of classifier-like
@@ -68,7 +69,7 @@ class JobOptions:
 
     fold: bool = True
     batch_size: int = 64
-    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    memory_budget: int | None = DEFAULT_MEMORY_BUDGET
     verify_samples: int = 32
     rtol: float | None = None
     atol: float | None = None
@@ -85,6 +86,7 @@ class JobOptions:
     min_cosine: float = DEFAULT_MIN_COSINE
     prior: float = 0.0
     allow_worse: bool = False
+    providers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         self._check_quantize()
@@ -112,7 +114,9 @@ class JobOptions:
             raise InvalidOptions(f"threads must be an integer ≥ 0 (0: one per core), got {self.threads!r}")
         if self.batch_size < 1:
             raise InvalidOptions(f"batch_size must be ≥ 1, got {self.batch_size}")
-        if self.memory_budget < 0:
+        if self.providers is not None:
+            object.__setattr__(self, "providers", check_providers(self.providers))
+        if self.memory_budget is not None and self.memory_budget < 0:
             raise InvalidOptions(f"memory_budget must be ≥ 0 bytes, got {self.memory_budget}")
         if self.verify_samples < 0:
             raise InvalidOptions(f"verify_samples must be ≥ 0, got {self.verify_samples}")
@@ -169,7 +173,7 @@ def recalibrate_files(
         result = recalibrate(
             model, samples, batch_size=options.batch_size, memory_budget=options.memory_budget,
             spill_dir=None if options.spill_dir is None else os.fspath(options.spill_dir), threads=options.threads,
-            disk_budget=options.disk_budget,
+            disk_budget=options.disk_budget, providers=options.providers,
             progress=progress, prior=options.prior,
         )
         if images is not None:
@@ -289,8 +293,8 @@ def _stamp(model: onnx.ModelProto, spec_json: str | None, **entries) -> None:
 
 
 def _provenance_options(options: JobOptions) -> dict[str, Any]:
-    """The options that decide the result; spill_dir and threads do not (and a server's paths stay private)."""
-    dropped = {"spill_dir", "threads", "disk_budget"} | (set() if options.quantize else set(_INT8_FIELDS))  # a float job: as before INT8
+    """The options that decide the result; spill_dir, threads, disk_budget and providers do not (and a server's paths stay private)."""
+    dropped = {"spill_dir", "threads", "disk_budget", "providers"} | (set() if options.quantize else set(_INT8_FIELDS))  # a float job: as before INT8
     return {k: v for k, v in dataclasses.asdict(options).items() if k not in dropped}
 
 
@@ -316,7 +320,8 @@ def _fold_and_verify(model, report: Report, feeds, options: JobOptions) -> onnx.
     folded = fold_batchnorms(model, options.unfoldable)
     # Real samples when there are any: random inputs only where there are none (see verify.py).
     check = check_equivalent(model, folded.model, None if feeds is None else [feeds], rtol=options.rtol, atol=options.atol,
-                             random_batches=0 if feeds is not None else 2, threads=options.threads)
+                             random_batches=0 if feeds is not None else 2, threads=options.threads,
+                             providers=options.providers)
     report.extra["fold"] = folded.to_dict()
     report.extra["verification"] = check.to_dict()
     return folded.model

@@ -57,7 +57,8 @@ def _exit_when_closed(lifeline: Connection) -> None:
 def job_runtime(settings: Settings) -> dict[str, Any]:
     """The server's side of a job's options (the client's are `options`): plain data for the job process."""
     return {"memory_budget": int(settings.job_memory_budget), "threads": settings.resolved_job_threads,
-            "disk_budget": settings.resolved_job_disk_budget(), "image_limits": settings.image_limits()}
+            "disk_budget": settings.resolved_job_disk_budget(), "image_limits": settings.image_limits(),
+            "providers": list(settings.job_providers)}
 
 
 def run_job(job_dir: str, samples_file: str, options: dict[str, Any], runtime: dict[str, Any], conn: Connection) -> None:
@@ -73,7 +74,7 @@ def run_job(job_dir: str, samples_file: str, options: dict[str, Any], runtime: d
         tempfile.tempdir = str(spill)
         job_options = JobOptions(**options, memory_budget=runtime["memory_budget"], threads=runtime["threads"],
                                  disk_budget=runtime["disk_budget"], image_limits=ImageLimits(**runtime["image_limits"]),
-                                 spill_dir=spill)
+                                 providers=tuple(runtime.get("providers") or ("CPUExecutionProvider",)), spill_dir=spill)
         check_samples, check_labels = check_paths(directory)
         output = recalibrate_files(directory / MODEL_FILE, directory / samples_file, job_options, report.recalibrating,
                                    check_samples=check_samples, check_labels=check_labels)

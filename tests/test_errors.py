@@ -504,3 +504,10 @@ def test_plural():
 
     assert [plural(n, "sample") for n in (0, 1, 2)] == ["0 samples", "1 sample", "2 samples"]
     assert plural(1, "BN level") == "1 BN level" and plural(3, "index", "indices") == "3 indices"
+
+
+def test_unavailable_provider():
+    _raises(InvalidOptions, lambda: bnfold.recalibrate(conv_bn(), _x(), providers=["NoSuchExecutionProvider"]),
+            "NoSuchExecutionProvider", "available")
+    result = bnfold.recalibrate(conv_bn(), _x(), providers=("CPUExecutionProvider",))
+    assert result.report.layers

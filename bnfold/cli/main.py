@@ -94,8 +94,12 @@ def recalibrate_command(
     report: Annotated[Optional[Path], typer.Option("--report", help="Write the JSON report here.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per inference call (≥ 1).")] = 64,
     memory_budget: Annotated[
-        str, typer.Option("--memory-budget", help="RAM for tensors kept between BN levels (e.g. 512MiB, 2GiB); the rest spills to disk.")
-    ] = "2GiB",
+        str, typer.Option("--memory-budget", help="RAM for tensors kept between BN levels (e.g. 512MiB, 2GiB; auto: half the RAM "
+                                                   "available, cgroup limits included); the rest spills to disk.")
+    ] = "auto",
+    providers: Annotated[Optional[str], typer.Option(
+        "--providers", help="ONNX Runtime execution providers, comma-separated in order of preference "
+                            "(e.g. CUDAExecutionProvider,CPUExecutionProvider); default CPU.")] = None,
     fold: Annotated[bool, typer.Option("--fold/--no-fold", help="Fold BN into neighbouring layers (--no-fold: only BN mean/var change).")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     server: Annotated[Optional[str], typer.Option(
@@ -149,7 +153,8 @@ def recalibrate_command(
                              preprocess=spec, on_bad_image=on_bad_image, verify_samples=verify_samples, rtol=rtol,
                              atol=atol, unfoldable=unfoldable, quantize=quantize,
                              quantize_method=quantize_method, min_agreement=min_agreement, min_cosine=min_cosine,
-                             prior=prior, allow_worse=allow_worse)
+                             prior=prior, allow_worse=allow_worse,
+                             providers=None if providers is None else tuple(providers.split(",")))
         check_writable(output, report, float_output, report_html)
         if float_output is not None and (not quantize or server is not None):
             raise InvalidOptions("--float-output goes with --quantize int8, run here (not with --server)")
@@ -209,8 +214,10 @@ def fold_command(
             out.print(f"wrote {output}")
 
 
-def parse_bytes(text: str) -> int:
-    """'2GiB', '512MiB', '100MB', '0' → bytes."""
+def parse_bytes(text: str) -> int | None:
+    """'2GiB', '512MiB', '100MB', '0' → bytes; 'auto' → None (sized from the RAM available)."""
+    if text.strip().lower() == "auto":
+        return None
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*((?:[KMGT]i?)?B?)\s*", text, re.IGNORECASE)
     if not match:
         raise InvalidOptions(f"cannot read memory budget '{text}': use e.g. 512MiB or 2GiB")

@@ -8,6 +8,10 @@ does not depend on the sample count (one stage's ONNX Runtime memory, one batch,
 measured 794 / 795 MiB at 1,024 / 4,096 ResNet-18 samples with a 256 MiB budget (bench/RESULTS.md).
 Disk use is bounded too when ``disk_budget`` is given: a spill that would take the files on disk
 past it raises `DiskBudgetExceeded` before anything is written.
+
+A batch is released as soon as its last reader has run (`done`), not when the whole stage ends:
+the arrays ONNX Runtime returned then go back to its arena and serve the next batch's outputs, and
+the store holds one cut at a time instead of two.
 """
 
 from __future__ import annotations
@@ -68,13 +72,24 @@ class TensorStore:
             return self._memory[key]
         return np.load(self._files[key], allow_pickle=False)
 
-    def drop(self, name: str) -> None:
-        """Forget every batch of `name` (RAM and disk)."""
-        for key in [k for k in self._memory if k[0] == name]:
+    def release(self, name: str, batch: int) -> None:
+        """Forget one batch of `name` (RAM or disk)."""
+        key = (name, batch)
+        if key in self._memory:
             self.bytes_in_memory -= self._memory.pop(key).nbytes
-        for key in [k for k in self._files if k[0] == name]:
+        elif key in self._files:
             os.remove(self._files.pop(key))
             self.bytes_on_disk -= self._file_bytes.pop(key)
+
+    def done(self, name: str, batch: int, last: bool) -> None:
+        """The reader of `get(name, batch)` has finished; `last`: no one reads it again."""
+        if last:
+            self.release(name, batch)
+
+    def drop(self, name: str) -> None:
+        """Forget every batch of `name` (RAM and disk)."""
+        for key in [k for k in self._memory if k[0] == name] + [k for k in self._files if k[0] == name]:
+            self.release(*key)
 
     def close(self) -> None:
         self._memory.clear()

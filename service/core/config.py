@@ -44,6 +44,9 @@ class Settings(BaseSettings):
                                              "half the data directory's free space shared by the workers, when the job starts.")
     job_threads: int | None = Field(None, ge=1, le=1024, description="ONNX Runtime threads per job; default: "
                                     "usable CPUs (affinity and cgroup CPU quota) // workers, at least 1 (see resolved_job_threads).")
+    job_providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        description="ONNX Runtime execution providers for jobs, comma-separated in order of preference.")
     # image samples (bnfold.inputs.images.ImageLimits), checked before anything is decoded
     max_archive_files: int = Field(100_000, ge=1, description="Files in an image archive, of every kind (max_members).")
     max_archive_unpacked_bytes: ByteSize = Field(ByteSize(4 * 2**30), ge=1,
@@ -57,6 +60,22 @@ class Settings(BaseSettings):
                                     "(in its own process) before the upload is refused (422).")
     stale_after: float = Field(60.0, gt=0, description="A running job whose server sent no heartbeat this long is re-queued.")
     log_level: str = "info"
+
+    @field_validator("job_providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value):
+        return [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
+
+    @field_validator("job_providers")
+    @classmethod
+    def _available_providers(cls, value):
+        from bnfold.engine.recalibrate import check_providers
+        from bnfold.errors import InvalidOptions
+
+        try:
+            return list(check_providers(value))
+        except InvalidOptions as exc:  # reported as this variable's validation error
+            raise ValueError(str(exc)) from None
 
     @field_validator("api_keys", mode="before")
     @classmethod

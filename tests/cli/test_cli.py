@@ -471,3 +471,24 @@ def test_one_sample_is_singular(files, tmp_path):
     text = " ".join(result.stdout.split())  # the table title may wrap
     assert "1 sample is too few" in text and "on 1 sample:" in text and "BN statistics on 1 sample (3 BN levels)" in text, text
     assert "1 samples" not in text
+
+
+def test_memory_budget_auto_is_sized_from_available_ram(files, tmp_path):
+    assert parse_bytes("auto") is None and parse_bytes(" AUTO ") is None
+    report = tmp_path / "r.json"
+    result = invoke("recalibrate", files / "model.onnx", files / "samples.npy", "-o", tmp_path / "o.onnx",
+                    "--report", report, "--batch-size", "5", "--no-fold", "-q")
+    assert result.exit_code == 0, result.stderr
+    store = json.loads(report.read_text())["extra"]["store"]
+    assert store["bytes_spilled"] == 0 and store["peak_bytes_in_memory"] > 0  # the old 2 GiB default also kept it
+
+
+def test_providers_option(files, tmp_path):
+    ok = invoke("recalibrate", files / "model.onnx", files / "samples.npy", "-o", tmp_path / "o.onnx",
+                "--providers", "CPUExecutionProvider", "--batch-size", "5", "-q")
+    assert ok.exit_code == 0, ok.stderr
+    bad = invoke("recalibrate", files / "model.onnx", files / "samples.npy", "-o", tmp_path / "p.onnx",
+                 "--providers", "NoSuchExecutionProvider", "-q")
+    assert bad.exit_code != 0 and not (tmp_path / "p.onnx").exists()
+    assert "NoSuchExecutionProvider" in bad.stderr and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

@@ -175,3 +175,13 @@ def test_recalibrated_model_is_a_fixed_point(name):
         axes = (0, *range(2, x.ndim))
         measured[bn] = (x.mean(axis=axes), x.var(axis=axes))
     _assert_close(measured, {k: (m.astype(np.float64), v.astype(np.float64)) for k, (m, v) in stored.items()}, REL, name)
+
+
+def test_timings_account_for_the_whole_run():
+    """The report's parts (reading, sessions, ORT, statistics, store, planning, report, other) add up to the
+    total, and none is counted twice ("other", the untimed rest, would then be negative)."""
+    timings = _engine("residual_block", 3).report.timings
+    parts = ("reading", "sessions", "onnxruntime", "statistics", "store", "planning", "report", "other")
+    assert set(parts) <= set(timings)
+    assert abs(sum(timings[k] for k in parts) - timings["total"]) <= 1e-6 * (1 + timings["total"])
+    assert all(timings[k] >= 0 for k in parts), timings

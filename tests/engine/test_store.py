@@ -172,3 +172,19 @@ def test_recalibrate_under_a_disk_budget_fails_cleanly_and_leaves_no_files(tmp_p
     unbounded = bnfold.recalibrate(model, samples, batch_size=8, memory_budget=0, spill_dir=tmp_path,
                                    disk_budget=10 * 2**20)
     assert 4096 < unbounded.report.extra["store"]["bytes_spilled"]
+
+
+# -- per-batch release ------------------------------------------------------------------------------
+
+def test_done_releases_only_the_last_read(tmp_path):
+    with TensorStore(budget=32, spill_dir=tmp_path) as store:
+        store.put("a", 0, _array(1.0))  # memory
+        store.put("a", 1, _array(2.0))  # disk
+        store.done("a", 0, last=False)
+        np.testing.assert_array_equal(store.get("a", 0), _array(1.0))
+        store.done("a", 0, last=True)
+        assert store.bytes_in_memory == 0
+        with pytest.raises(KeyError):
+            store.get("a", 0)
+        store.done("a", 1, last=True)
+        assert os.listdir(tmp_path / _spill_dirs(tmp_path)[0]) == []

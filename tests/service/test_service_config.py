@@ -111,3 +111,15 @@ def test_image_limits_come_from_bnfold_variables(monkeypatch):
     limits = ImageLimits(**Settings().image_limits())  # every key is an ImageLimits field
     assert limits.max_total_bytes == 2**30 and limits.max_image_pixels == 4096
     assert limits.max_members == 100_000 and limits.max_file_bytes == 64 * 2**20
+
+
+def test_job_providers_setting(monkeypatch):
+    assert Settings().job_providers == ["CPUExecutionProvider"]
+    monkeypatch.setenv("BNFOLD_JOB_PROVIDERS", " CPUExecutionProvider ,")
+    assert Settings().job_providers == ["CPUExecutionProvider"]
+
+
+def test_unavailable_job_provider_is_refused_at_startup(monkeypatch):
+    monkeypatch.setenv("BNFOLD_JOB_PROVIDERS", "NoSuchExecutionProvider")
+    with pytest.raises(ValidationError, match="NoSuchExecutionProvider"):
+        Settings()

@@ -42,6 +42,7 @@ def test_job_spills_into_its_directory_and_uses_the_configured_threads(tmp_path,
     assert seen["recalibrate"]["spill_dir"] == str(tmp_path / "spill") and seen["recalibrate"]["threads"] == 2
     assert seen["recalibrate"]["memory_budget"] == 0 and seen["check_equivalent"]["threads"] == 2
     assert seen["recalibrate"]["disk_budget"] == 3 * 2**20
+    assert seen["recalibrate"]["providers"] == ("CPUExecutionProvider",) == seen["check_equivalent"]["providers"]
     assert list((tmp_path / "spill").iterdir()) == []  # the store cleans up after itself
     provenance = (tmp_path / "result.onnx").read_bytes()
     assert str(tmp_path).encode() not in provenance  # where a job ran is not written into its model
