@@ -66,7 +66,8 @@ class StagePlan:
         return len(self.nodes)
 
 
-def _unique_names(graph: onnx.GraphProto) -> list[str]:
+def unique_names(graph: onnx.GraphProto) -> list[str]:
+    """A label per node: its name when set and unique, else ``<op_type>#<index>``."""
     counts: dict[str, int] = {}
     for node in graph.node:
         counts[node.name] = counts.get(node.name, 0) + 1
@@ -80,7 +81,7 @@ def find_batchnorms(model: onnx.ModelProto) -> list[BatchNorm]:
     """The BN nodes of the main graph, validated for recalibration (raises `UnsupportedModel`)."""
     graph = model.graph
     constants = constant_tensors(graph)
-    names = _unique_names(graph)
+    names = unique_names(graph)
     consumed = {name for node in graph.node for name in node_inputs(node)}
     consumed |= {o.name for o in graph.output}
     found = []

@@ -27,6 +27,7 @@ from onnx import numpy_helper
 import bnfold.onnx_graph as og
 from bnfold.engine import plan as g
 from bnfold.engine.moments import Moments
+from bnfold.engine.parameters import with_private_parameters
 from bnfold.engine.store import TensorStore
 from bnfold.errors import InvalidOptions, UnsupportedModel
 from bnfold.inputs.arrays import Samples, iter_batches, model_inputs
@@ -73,7 +74,7 @@ def recalibrate(
         raise InvalidOptions(f"threads must be ≥ 0 (0: one per core), got {threads}")
     started = time.perf_counter()
     check_model(model)
-    work, notes = _with_private_statistics(model, g.find_batchnorms(model))
+    work, notes = with_private_parameters(model)
     batchnorms = g.require_batchnorms(work)
     notes += _subgraph_batchnorm_notes(work)
     plan = g.plan_stages(work, batchnorms)
@@ -244,32 +245,6 @@ def _type_of(value: np.ndarray) -> tuple[int, int]:
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _with_private_statistics(model, batchnorms) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy in which no BN shares its mean/var tensor with another reader, so each can change alone."""
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    graph = work.graph
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in og.node_inputs(node):
-            readers[name] = readers.get(name, 0) + 1
-    for out in graph.output:
-        readers[out.name] = readers.get(out.name, 0) + 1
-    constants = og.constant_tensors(graph)
-    notes = []
-    for bn in batchnorms:
-        for slot, name in ((3, bn.mean), (4, bn.var)):
-            if readers[name] > 1:
-                private = onnx.TensorProto()
-                private.CopyFrom(constants[name])
-                private.name = f"{name}__{bn.name}"
-                graph.initializer.append(private)
-                graph.node[bn.index].input[slot] = private.name
-                readers[name] -= 1
-                notes.append(f"'{name}' was shared by several readers; BN '{bn.name}' now has its own copy")
-    return work, notes
 
 
 def _subgraph_batchnorm_notes(model) -> list[str]:
