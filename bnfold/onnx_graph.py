@@ -163,17 +163,24 @@ def _outer_scope_names(graph: onnx.GraphProto) -> list[str]:
 
 def value_types(model: onnx.ModelProto) -> dict[str, tuple[int | None, int | None]]:
     """name → (elem_type, rank) from ONNX shape inference; empty where inference fails."""
+    return {name: (elem, None if dims is None else len(dims)) for name, (elem, dims) in value_shapes(model).items()}
+
+
+def value_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, list[int | None] | None]]:
+    """name → (elem_type, dims) from ONNX shape inference: each dim its static size, or None where
+    symbolic or unknown; dims None where not even the rank is known. Empty where inference fails."""
     try:
         inferred = shape_inference.infer_shapes(_without_weights(model), strict_mode=False)
     except Exception:  # noqa: BLE001 - custom ops or >2 GiB: fold with less information
         inferred = model
-    types = {}
+    shapes = {}
     g = inferred.graph
     for vi in [*g.input, *g.output, *g.value_info]:
         t = vi.type.tensor_type
         if vi.type.HasField("tensor_type"):
-            types[vi.name] = (t.elem_type or None, len(t.shape.dim) if t.HasField("shape") else None)
-    return types
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim] if t.HasField("shape") else None
+            shapes[vi.name] = (t.elem_type or None, dims)
+    return shapes
 
 
 def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:

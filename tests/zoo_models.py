@@ -163,48 +163,37 @@ def samples(case: Case, count: int = 16, seed: int = 7) -> np.ndarray:
     return x.astype(np.float32)
 
 
-class _Stop(Exception):
-    """Ends a forward pass once the BN being measured has seen its input."""
+def torch_fixed_point(net, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """(mean, biased var, eps) per BN call, in forward order, float64, each with upstream BNs updated.
 
-
-def torch_fixed_point(net, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(mean, biased var) per BN *call*, in forward order, float64, each with upstream BNs updated."""
+    All samples go through as ONE batch, so when a BN is reached every BN before it in forward
+    order has already been measured on all samples, updated, and applied with its new statistics:
+    measuring each BN's input as the pass reaches it is the BN-by-BN fixed point, in one pass.
+    """
     import torch
 
     net = copy.deepcopy(net).double().eval()
-    order = []
-    hooks = [bn.register_forward_pre_hook(lambda m, i: order.append(m)) for bn in batchnorms(net)]
-    with torch.no_grad():
-        net(torch.from_numpy(x[:2]).double())
-    for h in hooks:
-        h.remove()
-    if len(set(map(id, order))) != len(order):
-        raise NotImplementedError("a BN module is called twice per forward pass; the reference assumes once")
-    data = torch.from_numpy(x).double()
     result = []
-    for bn in order:
-        captured = []
 
-        def grab(module, inputs, captured=captured):
-            captured.append(inputs[0])
-            raise _Stop
-
-        hook = bn.register_forward_pre_hook(grab)
-        try:
-            with torch.no_grad():
-                net(data)
-        except _Stop:
-            pass
-        finally:
-            hook.remove()
-        inputs = captured[0]
-        axes = [0, *range(2, inputs.dim())]
-        mean = inputs.mean(dim=axes)
-        var = ((inputs - mean.view(1, -1, *[1] * (inputs.dim() - 2))) ** 2).mean(dim=axes)
-        bn.running_mean.copy_(mean)
+    def measure(bn, inputs):
+        (x,) = inputs[:1]
+        axes = [0, *range(2, x.dim())]
+        mean = x.mean(dim=axes)
+        var = ((x - mean.view(1, -1, *[1] * (x.dim() - 2))) ** 2).mean(dim=axes)
+        bn.running_mean.copy_(mean)  # eval-mode BN now normalises with the new statistics
         bn.running_var.copy_(var)
-        result.append((mean.numpy().copy(), var.numpy().copy(), float(bn.eps)))
-    return result
+        result.append((bn, mean.numpy().copy(), var.numpy().copy(), float(bn.eps)))
+
+    hooks = [bn.register_forward_pre_hook(measure) for bn in batchnorms(net)]
+    try:
+        with torch.no_grad():
+            net(torch.from_numpy(x).double())
+    finally:
+        for h in hooks:
+            h.remove()
+    if len({id(bn) for bn, *_ in result}) != len(result):
+        raise NotImplementedError("a BN module is called twice per forward pass; the reference assumes once")
+    return [stats for _, *stats in result]
 
 
 def statistics_error(layers, reference) -> tuple[float, float]:

@@ -201,6 +201,7 @@ def stage_model(
     overrides: dict[str, onnx.TensorProto],
     replacements: dict[int, onnx.NodeProto] | None = None,
     output_types: dict[str, tuple[int | None, int | None]] | None = None,
+    input_dims: dict[str, list[int | None]] | None = None,
 ) -> onnx.ModelProto:
     """A standalone model running stage s: its inputs are cut tensors, its outputs `plan.outputs[s]`.
 
@@ -210,6 +211,9 @@ def stage_model(
     measured. ``replacements`` swaps graph.node[i] for another node computing the same output.
     ``output_types`` (from shape inference of the whole model, done once) types the outputs where
     known, which makes the stage a checker-valid model; ORT itself would run untyped outputs too.
+    ``input_dims`` gives stage inputs their static sizes where known (None: dynamic). This matters
+    for shape tensors: a ``Resize`` whose ``sizes`` come from ``Shape → Gather → Concat`` in an
+    earlier stage must see a 1-D input *of length rank(X)*, or ORT refuses to load the stage.
     """
     graph = model.graph
     replacements = replacements or {}
@@ -219,7 +223,7 @@ def stage_model(
     stage_graph = onnx.helper.make_graph(
         nodes,
         f"{graph.name}_stage{s}",
-        [onnx.helper.make_tensor_value_info(t, *_type_and_shape(input_types[t])) for t in plan.inputs[s]],
+        [_input_value_info(t, input_types[t], (input_dims or {}).get(t)) for t in plan.inputs[s]],
         [_output_value_info(t, (output_types or {}).get(t)) for t in plan.outputs[s]],
         initializer=[initializers[t] for t in read if t in initializers],
     )
@@ -228,6 +232,13 @@ def stage_model(
     )
     stage.functions.extend(model.functions)
     return stage
+
+
+def _input_value_info(name: str, elem_rank: tuple[int, int], dims: list[int | None] | None) -> onnx.ValueInfoProto:
+    elem_type, rank = elem_rank
+    if dims is None or len(dims) != rank:
+        dims = [None] * rank
+    return onnx.helper.make_tensor_value_info(name, elem_type, dims)
 
 
 def _output_value_info(name: str, elem_rank: tuple[int | None, int | None] | None) -> onnx.ValueInfoProto:

@@ -94,7 +94,9 @@ class _StageRunner:
 
     def __init__(self, model: onnx.ModelProto, plan: g.StagePlan, providers, threads: int, progress: Progress | None):
         self.threads = threads
-        self.inferred_types = og.value_types(model)  # once: stage outputs get their types from it
+        # once: stage outputs get their types from it, stage inputs their static sizes
+        self.inferred_shapes = og.value_shapes(model)
+        self.inferred_types = {n: (e, None if d is None else len(d)) for n, (e, d) in self.inferred_shapes.items()}
         self.model = model
         self.plan = plan
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
@@ -104,6 +106,7 @@ class _StageRunner:
         self.stage_overrides: dict[str, onnx.TensorProto] = {}  # weights of BNs run as 1×1 convs
         self.replacements: dict[int, onnx.NodeProto] = {}
         self.types: dict[str, tuple[int, int]] = {}  # tensor -> (onnx elem type, rank)
+        self.shapes: dict[str, tuple[int, ...]] = {}  # tensor -> shape in the first batch
         self.samples = 0
         self.batches = 0
         self.timings: dict[str, float] = {"onnxruntime": 0.0, "statistics": 0.0, "store": 0.0}
@@ -129,7 +132,7 @@ class _StageRunner:
             self.samples += next(iter(batch.values())).shape[0]
             self.batches += 1
             for name in self.plan.late_inputs:
-                self.types.setdefault(name, _type_of(batch[name]))
+                self._observe(name, batch[name])
                 store.put(name, b, batch[name])
             yield batch
 
@@ -150,7 +153,7 @@ class _StageRunner:
             self.moments[x] = batch_moments if previous is None else previous.merge(batch_moments)
         t2 = time.perf_counter()
         for name, value in values.items():
-            self.types.setdefault(name, _type_of(value))
+            self._observe(name, value)
             if self.plan.last_use.get(name, -1) > s:
                 store.put(name, b, value)
         self.timings["onnxruntime"] += t1 - t0
@@ -161,10 +164,10 @@ class _StageRunner:
         if not self.plan.nodes[s]:
             return _NoNodes()
         for name, value in feeds.items():
-            self.types.setdefault(name, _type_of(value))
+            self._observe(name, value)
         stage = g.stage_model(
             self.model, self.plan, s, self.types, self.overrides | self.stage_overrides, self.replacements,
-            self.inferred_types,
+            self.inferred_types, {t: self._static_dims(t) for t in self.plan.inputs[s]},
         )
         try:
             options = _quiet_options()
@@ -172,6 +175,22 @@ class _StageRunner:
             return ort.InferenceSession(stage.SerializeToString(), options, providers=self.providers)
         except Exception as exc:  # ORT raises several unrelated types; all mean "cannot run this"
             raise UnsupportedModel(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from None
+
+    def _observe(self, name: str, value: np.ndarray) -> None:
+        if name not in self.types:
+            self.types[name] = _type_of(value)
+            self.shapes[name] = value.shape
+
+    def _static_dims(self, name: str) -> list[int | None]:
+        """The sizes a stage input always has: those shape inference of the whole model proves, and
+        the length of a 1-D integer tensor (a shape, size or index list, as Shape → Gather →
+        Concat makes them), which does not change from batch to batch."""
+        elem, rank = self.types[name]
+        dims = self.inferred_shapes.get(name, (None, None))[1]
+        dims = list(dims) if dims is not None and len(dims) == rank else [None] * rank
+        if rank == 1 and dims[0] is None and np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(elem), np.integer):
+            dims[0] = self.shapes[name][0]
+        return dims
 
     def _set_statistics(self, level: list[g.BatchNorm]) -> None:
         constants = og.constant_tensors(self.model.graph)
