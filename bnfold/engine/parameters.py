@@ -10,6 +10,10 @@ All of these are constants (`onnx_graph.foldable_values`). This pre-pass rewires
 initializers of its own — a private copy of mean and var whenever anything else reads them, so that
 writing one BN's new statistics changes no other reader — and leaves the rest of the graph as it was,
 except the nodes and initializers that only fed the rewired parameters, which are dropped.
+
+It also drops the running_mean / running_var outputs that an inference-mode BN of opset 14+ lists
+but nothing reads: the spec allows them only with ``training_mode=1``, and ONNX Runtime refuses to
+load such a node ("number of op outputs should be 1 when training_mode = False").
 """
 
 from __future__ import annotations
@@ -65,7 +69,24 @@ def with_private_parameters(model: onnx.ModelProto) -> tuple[onnx.ModelProto, li
             how = "was shared with other readers" if tensor in constants else "is computed from constants"
             notes.append(f"BN '{label}': its {role} '{tensor}' {how}; it now has its own copy")
     _drop_unread(graph, rewired, model.ir_version < 4)
+    if og.opset_version(work) >= 14:
+        notes += _drop_unused_training_outputs(graph, unique_names(graph))
     return work, notes
+
+
+def _drop_unused_training_outputs(graph: onnx.GraphProto, labels: list[str]) -> list[str]:
+    readers = _readers(graph)
+    notes = []
+    for node, label in zip(graph.node, labels):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if not og.is_batchnorm(node) or attrs.get("training_mode", 0) or len(node.output) < 2:
+            continue
+        if any(readers.get(out, 0) for out in node.output[1:] if out):
+            continue  # used: `plan.find_batchnorms` refuses the model, naming the BN
+        del node.output[1:]
+        notes.append(f"BN '{label}': dropped its unused running_mean/var outputs (opset 14+ allows them only "
+                     "with training_mode=1)")
+    return notes
 
 
 def _readers(graph: onnx.GraphProto) -> dict[str, int]:

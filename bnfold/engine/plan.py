@@ -105,10 +105,11 @@ def require_batchnorms(model: onnx.ModelProto) -> list[BatchNorm]:
 
 def _read_batchnorm(node, index, name, constants, consumed) -> BatchNorm:
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    if attrs.get("training_mode", 0) != 0:
+    if attrs.get("training_mode", 0) != 0 or attrs.get("is_test", 1) == 0:
         raise UnsupportedModel(
-            f"BatchNormalization '{name}' has training_mode=1: export the model in eval mode "
-            "(model.eval() before torch.onnx.export) so BN uses its running statistics."
+            f"BatchNormalization '{name}' runs in training mode (training_mode=1 / is_test=0): it normalises "
+            "with each batch's statistics, not stored ones. Export the model in eval mode (model.eval() "
+            "before torch.onnx.export) so BN uses its running statistics."
         )
     if any(out and out in consumed for out in node.output[1:]):
         raise UnsupportedModel(
@@ -117,22 +118,26 @@ def _read_batchnorm(node, index, name, constants, consumed) -> BatchNorm:
         )
     if attrs.get("spatial", 1) != 1:
         raise UnsupportedModel(
-            f"BatchNormalization '{name}' has spatial=0 (per-element statistics, opset < 9); only "
-            "per-channel BN is supported."
+            f"BatchNormalization '{name}' has spatial=0 (statistics per activation, not per channel; opsets "
+            "7-8): bnfold recalibrates per-channel BN only. Re-export with spatial=1 (the default, what "
+            "BatchNorm1d/2d/3d compute) or at opset 9 or later."
         )
     if len(node.input) != 5 or not all(node.input):
-        raise UnsupportedModel(f"BatchNormalization '{name}' does not have its five inputs.")
+        raise UnsupportedModel(f"BatchNormalization '{name}' does not have its five inputs (X, scale, B, mean, "
+                               "var, as the ONNX spec requires); re-export the model.")
     x, scale, bias, mean, var = node.input
     for role, tensor in (("scale", scale), ("B", bias), ("input_mean", mean), ("input_var", var)):
         if tensor not in constants:
             raise UnsupportedModel(
-                f"BatchNormalization '{name}': its {role} '{tensor}' is computed by the graph, not "
-                "a constant initializer, so it cannot be recalibrated."
+                f"BatchNormalization '{name}': its {role} '{tensor}' is computed by the graph from its "
+                "inputs, not from constants, so it has no stored value to recalibrate. Export the model with "
+                "the BN parameters as initializers (constants or Identity/Cast chains of them are fine)."
             )
     mean_dims, var_dims = list(constants[mean].dims), list(constants[var].dims)
     channels = int(np.prod(mean_dims, dtype=np.int64))
     if len(mean_dims) != 1 or int(np.prod(var_dims, dtype=np.int64)) != channels:
-        raise UnsupportedModel(f"BatchNormalization '{name}': mean/var are not 1-D of one length.")
+        raise UnsupportedModel(f"BatchNormalization '{name}': mean/var are not 1-D of one length (one value per "
+                               "channel, as per-channel BN stores them); re-export the model with per-channel BN.")
     return BatchNorm(index, name, x, scale, bias, mean, var, float(attrs.get("epsilon", 1e-5)), channels)
 
 
