@@ -58,10 +58,10 @@ def _c(family, arch, opset, perturbed, dynamic=False, heavy=True, image=IMAGE, n
 
 
 # Opsets 11/13/17, perturbed/untouched and dynamic axes spread across the set; the two light cases
-# (heavy=False) run in every `make test`, the rest with `pytest -m heavy` (CI).
+# (heavy=False: resnet18 and the custom flatten_head) run in every `make test`, the rest with `pytest -m heavy` (CI).
 CASES = [
     _c("torchvision", "resnet18", 13, False, heavy=False),
-    _c("smp", "Unet", 17, True, dynamic=True, heavy=False, name="smp_unet_resnet18"),
+    _c("smp", "Unet", 17, True, dynamic=True, name="smp_unet_resnet18"),
     _c("torchvision", "resnet50", 11, False),
     _c("torchvision", "mobilenet_v2", 17, False),
     _c("torchvision", "mobilenet_v3_small", 13, True),
