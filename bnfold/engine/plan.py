@@ -98,7 +98,8 @@ def require_batchnorms(model: onnx.ModelProto) -> list[BatchNorm]:
         raise NoBatchNorm(
             "the model has no BatchNormalization node. It was probably folded into the convolutions "
             "at export: PyTorch folds BN in eval-mode export; keep it with torch.onnx.export(..., "
-            "training=torch.onnx.TrainingMode.PRESERVE, dynamo=False)."
+            "training=torch.onnx.TrainingMode.PRESERVE, dynamo=False). Keras 3 lowers BN to Mul/Add before "
+            "tf2onnx sees it; export from tf_keras (Keras 2) with tf2onnx.convert.from_keras(..., optimizers={})."
         )
     return found
 
