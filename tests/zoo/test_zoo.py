@@ -52,15 +52,15 @@ def _params(cases, pending=None):
 
 
 def _require(case: zoo.Case) -> None:
+    if case.family in ("torchvision", "timm", "smp"):
+        try:  # first: timm and smp import torchvision, which needs the workaround in import_torchvision
+            zoo.import_torchvision()
+        except ImportError:
+            pytest.skip("torchvision is not installed")
     if case.family == "timm":
         pytest.importorskip("timm")
     elif case.family == "smp":
         pytest.importorskip("segmentation_models_pytorch")
-    if case.family in ("torchvision", "timm", "smp"):
-        try:
-            zoo.import_torchvision()
-        except ImportError:
-            pytest.skip("torchvision is not installed")
 
 
 @functools.cache
