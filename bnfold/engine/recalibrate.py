@@ -174,7 +174,10 @@ class _StageRunner:
             options.intra_op_num_threads = self.threads
             return ort.InferenceSession(stage.SerializeToString(), options, providers=self.providers)
         except Exception as exc:  # ORT raises several unrelated types; all mean "cannot run this"
-            raise UnsupportedModel(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from None
+            raise UnsupportedModel(
+                f"ONNX Runtime cannot load the model (the part up to BN level {s}): {_first_line(exc)}. If the "
+                "whole model loads in onnxruntime.InferenceSession, bnfold cut it wrongly: please report it."
+            ) from None
 
     def _observe(self, name: str, value: np.ndarray) -> None:
         if name not in self.types:
