@@ -43,7 +43,8 @@ def with_private_parameters(model: onnx.ModelProto) -> tuple[onnx.ModelProto, li
     computed = {t for i in bns for t in graph.node[i].input[1:] if t and t not in constants}
     values = og.foldable_values(graph, computed, og.opset_version(model)) if computed else {}
     taken = _names(graph)
-    notes, rewired = [], set()
+    copied: dict[str, list[str]] = {"computed": [], "shared": []}
+    rewired = set()
     for index in bns:
         node, label = graph.node[index], labels[index]
         for slot, role in enumerate(_ROLES, start=1):
@@ -66,12 +67,21 @@ def with_private_parameters(model: onnx.ModelProto) -> tuple[onnx.ModelProto, li
             node.input[slot] = private
             readers[tensor] -= 1
             rewired.add(tensor)
-            how = "was shared with other readers" if tensor in constants else "is computed from constants"
-            notes.append(f"BN '{label}': its {role} '{tensor}' {how}; it now has its own copy")
+            copied["shared" if tensor in constants else "computed"].append(f"{label}: {role} '{tensor}'")
     _drop_unread(graph, rewired, model.ir_version < 4)
+    notes = [_note(copied["computed"], "computed from constants (e.g. an Identity of a deduplicated initializer)"),
+             _note(copied["shared"], "statistics tensors shared with other readers")]
+    notes = [n for n in notes if n]
     if og.opset_version(work) >= 14:
         notes += _drop_unused_training_outputs(graph, unique_names(graph))
     return work, notes
+
+
+def _note(items: list[str], what: str) -> str | None:
+    if not items:
+        return None
+    shown = "; ".join(items[:3]) + ("; …" if len(items) > 3 else "")
+    return f"{len(items)} BN parameter(s) were {what}; each BN now reads its own copy ({shown})"
 
 
 def _drop_unused_training_outputs(graph: onnx.GraphProto, labels: list[str]) -> list[str]:
