@@ -13,6 +13,10 @@ stage of the tensor it measures, and a later stage reads it. ORT refuses to load
     -> [bn3] -> Reshape(·, Concat(Shape(·)[0:2], [-1])) -> [bn4 (N,C,H·W)]
        -> Expand(·, Shape(·)) -> y
 
+Each stage input gets the length that shape inference of the whole model proves; where inference
+cannot (below, relu1 as ORT's contrib Gelu, unknown to ONNX inference), the length observed in the
+first batch — a 1-D integer tensor's length does not change from batch to batch.
+
 The reference runs the whole model in ORT BN by BN (each BN input exposed as an output, all samples
 at once, float64 statistics), sharing nothing with the stage plan.
 """
@@ -30,7 +34,9 @@ import bnfold
 C = 4
 
 
-def _model(opset: int) -> onnx.ModelProto:
+def _model(opset: int, contrib_relu: bool = False) -> onnx.ModelProto:
+    """contrib_relu: relu1 is ORT's com.microsoft Gelu, which ONNX shape inference does not know, so
+    nothing downstream of it (``sizes`` included) gets a length from inference; ORT knows it."""
     rng = np.random.default_rng(0)
     inits = [
         numpy_helper.from_array((rng.standard_normal((C, 3, 3, 3)) * 0.5).astype(np.float32), "W1"),
@@ -52,7 +58,9 @@ def _model(opset: int) -> onnx.ModelProto:
 
     nodes = [
         helper.make_node("Conv", ["x", "W1"], ["c1"], name="conv1", pads=[1] * 4),
-        bn(1, "c1", "b1"), helper.make_node("Relu", ["b1"], ["r1"], name="relu1"),
+        bn(1, "c1", "b1"),
+        helper.make_node("Gelu", ["b1"], ["r1"], name="relu1", domain="com.microsoft") if contrib_relu else
+        helper.make_node("Relu", ["b1"], ["r1"], name="relu1"),
         helper.make_node("Conv", ["r1", "W2"], ["c2"], name="conv2", pads=[1] * 4, strides=[2, 2]),
         bn(2, "c2", "b2"), helper.make_node("Relu", ["b2"], ["r2"], name="relu2"),
         helper.make_node("Shape", ["r1"], ["shape_r1"], name="shape_r1"),
@@ -75,8 +83,9 @@ def _model(opset: int) -> onnx.ModelProto:
         nodes, "shapes_across_cuts", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", C, None])], inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
-    onnx.checker.check_model(model, full_check=True)
+    opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid("com.microsoft", 1)] if contrib_relu else [])
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=8)
+    onnx.checker.check_model(model, full_check=not contrib_relu)
     return model
 
 
@@ -104,8 +113,13 @@ def _ort_fixed_point(model: onnx.ModelProto, x: np.ndarray) -> dict[str, tuple[n
 
 @pytest.mark.parametrize("opset", [11, 13, 17])
 @pytest.mark.parametrize("size", [(8, 8), (10, 6)])
-def test_shape_tensors_cross_stage_cuts(opset, size):
-    model = _model(opset)
+@pytest.mark.parametrize("contrib_relu", [False, True], ids=["inferred_length", "observed_length"])
+def test_shape_tensors_cross_stage_cuts(opset, size, contrib_relu):
+    model = _model(opset, contrib_relu)
+    if contrib_relu:
+        from bnfold.onnx_graph import value_shapes
+
+        assert value_shapes(model).get("sizes", (None, None))[1] in (None, [None])  # inference cannot tell
     x = (np.random.default_rng(1).standard_normal((12, 3, *size)) * 1.3 + 0.2).astype(np.float32)
     result = bnfold.recalibrate(model, x, batch_size=5)
     assert result.report.layers[-1].level == 3  # four BN levels: the shape tensors cross three cuts
