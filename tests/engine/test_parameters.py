@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from reference import reference_recalibrate
@@ -129,8 +130,9 @@ def test_fold_reads_constant_foldable_parameters_and_leaves_no_dead_nodes(style)
     assert folded.counts["folded_backward"] == 2, folded.decisions
     assert [n.op_type for n in folded.model.graph.node] == ["Conv", "Relu", "Conv"]
     onnx.checker.check_model(folded.model, full_check=True)
-    import onnxruntime as ort
+    ref = _run(model)
+    np.testing.assert_allclose(_run(folded.model), ref, atol=1e-5 * np.abs(ref).max())
 
-    run = lambda m: ort.InferenceSession(m.SerializeToString()).run(None, {"x": SAMPLES})[0]  # noqa: E731
-    ref = run(model)
-    np.testing.assert_allclose(run(folded.model), ref, atol=1e-5 * np.abs(ref).max())
+
+def _run(model: onnx.ModelProto) -> np.ndarray:
+    return ort.InferenceSession(model.SerializeToString()).run(None, {"x": SAMPLES})[0]
