@@ -2,7 +2,8 @@
 
 Pure core: takes paths/bytes and options, returns a ModelProto and a Report; no printing, no HTTP.
 With ``fold=False`` the returned model differs from the input *only* in BN mean/var values (no
-provenance is written either), so it can be diffed against the source. With folding, the folded
+provenance is written either), so it can be diffed against the source — except that a BN whose
+parameters the exporter shared or computed from constants gets its own copies (`engine.parameters`). With folding, the folded
 model is checked against the unfolded recalibrated one on a subset of the samples plus random
 inputs, and refused (`VerificationFailed`) when they disagree; provenance goes into metadata_props.
 """
