@@ -2,10 +2,11 @@
 
 Pure core: takes paths/bytes and options, returns a ModelProto and a Report; no printing, no HTTP.
 With ``fold=False`` the returned model differs from the input *only* in BN mean/var values (no
-provenance is written either), so it can be diffed against the source. With folding, the folded
-model is checked against the unfolded recalibrated one on a subset of the samples (random inputs
-at the scale the model implies when there are none: `bnfold.folding.probe`), and refused
-(`VerificationFailed`) when they disagree; provenance goes into metadata_props.
+provenance is written either), so it can be diffed against the source — except that a BN whose
+parameters the exporter shared or computed from constants gets its own copies (`engine.parameters`).
+With folding, the folded model is checked against the unfolded recalibrated one on a subset of the
+samples (random inputs at the scale the model implies when there are none: `bnfold.folding.probe`),
+and refused (`VerificationFailed`) when they disagree; provenance goes into metadata_props.
 """
 
 from __future__ import annotations

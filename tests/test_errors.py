@@ -208,9 +208,12 @@ def test_bn_exposing_training_outputs():
 
 
 def test_bn_mean_computed_by_the_graph():
+    # from the graph input, so not constant (an Identity of a constant is one: tests/engine/test_parameters.py)
     model = conv_bn()
     bn = _bn(model)
-    model.graph.node.insert(0, helper.make_node("Identity", [bn.input[3]], ["mean_computed"], name="mean_id"))
+    at = list(model.graph.node).index(bn)
+    model.graph.node.insert(at, helper.make_node("ReduceMean", [bn.input[0]], ["mean_computed"], name="mean_of_x",
+                                                 axes=[0, 2, 3], keepdims=0))
     bn.input[3] = "mean_computed"
     onnx.checker.check_model(model, full_check=True)
     _raises(UnsupportedModel, lambda: bnfold.recalibrate(model, _x()), "'bn1'", "'mean_computed'", "computed by the graph")

@@ -66,7 +66,8 @@ class StagePlan:
         return len(self.nodes)
 
 
-def _unique_names(graph: onnx.GraphProto) -> list[str]:
+def unique_names(graph: onnx.GraphProto) -> list[str]:
+    """A label per node: its name when set and unique, else ``<op_type>#<index>``."""
     counts: dict[str, int] = {}
     for node in graph.node:
         counts[node.name] = counts.get(node.name, 0) + 1
@@ -80,7 +81,7 @@ def find_batchnorms(model: onnx.ModelProto) -> list[BatchNorm]:
     """The BN nodes of the main graph, validated for recalibration (raises `UnsupportedModel`)."""
     graph = model.graph
     constants = constant_tensors(graph)
-    names = _unique_names(graph)
+    names = unique_names(graph)
     consumed = {name for node in graph.node for name in node_inputs(node)}
     consumed |= {o.name for o in graph.output}
     found = []
@@ -97,17 +98,19 @@ def require_batchnorms(model: onnx.ModelProto) -> list[BatchNorm]:
         raise NoBatchNorm(
             "the model has no BatchNormalization node. It was probably folded into the convolutions "
             "at export: PyTorch folds BN in eval-mode export; keep it with torch.onnx.export(..., "
-            "training=torch.onnx.TrainingMode.PRESERVE, dynamo=False)."
+            "training=torch.onnx.TrainingMode.PRESERVE, dynamo=False). Keras 3 lowers BN to Mul/Add before "
+            "tf2onnx sees it; export from tf_keras (Keras 2) with tf2onnx.convert.from_keras(..., optimizers={})."
         )
     return found
 
 
 def _read_batchnorm(node, index, name, constants, consumed) -> BatchNorm:
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    if attrs.get("training_mode", 0) != 0:
+    if attrs.get("training_mode", 0) != 0 or attrs.get("is_test", 1) == 0:
         raise UnsupportedModel(
-            f"BatchNormalization '{name}' has training_mode=1: export the model in eval mode "
-            "(model.eval() before torch.onnx.export) so BN uses its running statistics."
+            f"BatchNormalization '{name}' runs in training mode (training_mode=1 / is_test=0): it normalises "
+            "with each batch's statistics, not stored ones. Export the model in eval mode (model.eval() "
+            "before torch.onnx.export) so BN uses its running statistics."
         )
     if any(out and out in consumed for out in node.output[1:]):
         raise UnsupportedModel(
@@ -116,22 +119,26 @@ def _read_batchnorm(node, index, name, constants, consumed) -> BatchNorm:
         )
     if attrs.get("spatial", 1) != 1:
         raise UnsupportedModel(
-            f"BatchNormalization '{name}' has spatial=0 (per-element statistics, opset < 9); only "
-            "per-channel BN is supported."
+            f"BatchNormalization '{name}' has spatial=0 (statistics per activation, not per channel; opsets "
+            "7-8): bnfold recalibrates per-channel BN only. Re-export with spatial=1 (the default, what "
+            "BatchNorm1d/2d/3d compute) or at opset 9 or later."
         )
     if len(node.input) != 5 or not all(node.input):
-        raise UnsupportedModel(f"BatchNormalization '{name}' does not have its five inputs.")
+        raise UnsupportedModel(f"BatchNormalization '{name}' does not have its five inputs (X, scale, B, mean, "
+                               "var, as the ONNX spec requires); re-export the model.")
     x, scale, bias, mean, var = node.input
     for role, tensor in (("scale", scale), ("B", bias), ("input_mean", mean), ("input_var", var)):
         if tensor not in constants:
             raise UnsupportedModel(
-                f"BatchNormalization '{name}': its {role} '{tensor}' is computed by the graph, not "
-                "a constant initializer, so it cannot be recalibrated."
+                f"BatchNormalization '{name}': its {role} '{tensor}' is computed by the graph from its "
+                "inputs, not from constants, so it has no stored value to recalibrate. Export the model with "
+                "the BN parameters as initializers (constants or Identity/Cast chains of them are fine)."
             )
     mean_dims, var_dims = list(constants[mean].dims), list(constants[var].dims)
     channels = int(np.prod(mean_dims, dtype=np.int64))
     if len(mean_dims) != 1 or int(np.prod(var_dims, dtype=np.int64)) != channels:
-        raise UnsupportedModel(f"BatchNormalization '{name}': mean/var are not 1-D of one length.")
+        raise UnsupportedModel(f"BatchNormalization '{name}': mean/var are not 1-D of one length (one value per "
+                               "channel, as per-channel BN stores them); re-export the model with per-channel BN.")
     return BatchNorm(index, name, x, scale, bias, mean, var, float(attrs.get("epsilon", 1e-5)), channels)
 
 
@@ -201,6 +208,7 @@ def stage_model(
     replacements: dict[int, onnx.NodeProto] | None = None,
     output_types: dict[str, tuple[int | None, int | None]] | None = None,
     constants: dict[str, onnx.TensorProto] | None = None,
+    input_dims: dict[str, list[int | None]] | None = None,
 ) -> onnx.ModelProto:
     """A standalone model running stage s: its inputs are cut tensors, its outputs `plan.outputs[s]`.
 
@@ -212,6 +220,9 @@ def stage_model(
     known, which makes the stage a checker-valid model; ORT itself would run untyped outputs too.
     ``constants``: `constant_tensors(model.graph)`, when the caller has it already (one per stage
     costs ~2 ms on a 50-level model).
+    ``input_dims`` gives stage inputs their static sizes where known (None: dynamic). This matters
+    for shape tensors: a ``Resize`` whose ``sizes`` come from ``Shape → Gather → Concat`` in an
+    earlier stage must see a 1-D input *of length rank(X)*, or ORT refuses to load the stage.
     """
     graph = model.graph
     replacements = replacements or {}
@@ -221,7 +232,7 @@ def stage_model(
     stage_graph = onnx.helper.make_graph(
         nodes,
         f"{graph.name}_stage{s}",
-        [onnx.helper.make_tensor_value_info(t, *_type_and_shape(input_types[t])) for t in plan.inputs[s]],
+        [_input_value_info(t, input_types[t], (input_dims or {}).get(t)) for t in plan.inputs[s]],
         [_output_value_info(t, (output_types or {}).get(t)) for t in plan.outputs[s]],
         initializer=[initializers[t] for t in read if t in initializers],
     )
@@ -230,6 +241,13 @@ def stage_model(
     )
     stage.functions.extend(model.functions)
     return stage
+
+
+def _input_value_info(name: str, elem_rank: tuple[int, int], dims: list[int | None] | None) -> onnx.ValueInfoProto:
+    elem_type, rank = elem_rank
+    if dims is None or len(dims) != rank:
+        dims = [None] * rank
+    return onnx.helper.make_tensor_value_info(name, elem_type, dims)
 
 
 def _output_value_info(name: str, elem_rank: tuple[int | None, int | None] | None) -> onnx.ValueInfoProto:

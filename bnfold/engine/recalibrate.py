@@ -27,9 +27,10 @@ from onnx import numpy_helper
 
 import bnfold.onnx_graph as og
 from bnfold.engine import plan as g
+from bnfold.engine import prior as source_prior
 from bnfold.engine.memory import default_memory_budget
 from bnfold.engine.moments import Moments
-from bnfold.engine import prior as source_prior
+from bnfold.engine.parameters import with_private_parameters
 from bnfold.engine.prior import check_prior, mix
 from bnfold.engine.store import TensorStore
 from bnfold.engine.uncertainty import SampleStream, assess
@@ -90,7 +91,7 @@ def recalibrate(
     providers = check_providers(providers) if providers is not None else None
     started = time.perf_counter()
     check_model(model)
-    work, notes = _with_private_statistics(model, g.find_batchnorms(model))
+    work, notes = with_private_parameters(model)
     batchnorms = g.require_batchnorms(work)
     notes += _subgraph_batchnorm_notes(work)
     plan = g.plan_stages(work, batchnorms)
@@ -134,7 +135,9 @@ class _StageRunner:
 
     def __init__(self, model: onnx.ModelProto, plan: g.StagePlan, providers, threads: int, progress: Progress | None):
         self.threads = threads
-        self.inferred_types = og.value_types(model)  # once: stage outputs get their types from it
+        # once: stage outputs get their types from it, stage inputs their static sizes
+        self.inferred_shapes = og.value_shapes(model)
+        self.inferred_types = {n: (e, None if d is None else len(d)) for n, (e, d) in self.inferred_shapes.items()}
         self.constants = og.constant_tensors(model.graph)  # once: the graph is never edited here
         self.model = model
         self.plan = plan
@@ -146,6 +149,7 @@ class _StageRunner:
         self.stage_overrides: dict[str, onnx.TensorProto] = {}  # weights of BNs run as 1×1 convs
         self.replacements: dict[int, onnx.NodeProto] = {}
         self.types: dict[str, tuple[int, int]] = {}  # tensor -> (onnx elem type, rank)
+        self.shapes: dict[str, tuple[int, ...]] = {}  # tensor -> shape in the first batch
         self.samples = 0
         self.prior = 0.0  # source-prior weight N (engine.prior); 0: target statistics only
         self.batches = 0
@@ -191,7 +195,7 @@ class _StageRunner:
             self.samples += next(iter(batch.values())).shape[0]
             self.batches += 1
             for name in self.plan.late_inputs:
-                self.types.setdefault(name, _type_of(batch[name]))
+                self._observe(name, batch[name])
                 store.put(name, b, batch[name])
             yield batch
 
@@ -214,7 +218,7 @@ class _StageRunner:
             self._merge(self._measure(tensors))
         t2 = time.perf_counter()
         for name, value in values.items():
-            self.types.setdefault(name, _type_of(value))
+            self._observe(name, value)
             if self.plan.last_use.get(name, -1) > s:
                 store.put(name, b, value)
         if s > 0:  # inputs no later stage reads are freed now: ORT's arena reuses them for the next batch
@@ -246,17 +250,36 @@ class _StageRunner:
         if not self.plan.nodes[s]:
             return _NoNodes()
         for name, value in feeds.items():
-            self.types.setdefault(name, _type_of(value))
+            self._observe(name, value)
         stage = g.stage_model(
             self.model, self.plan, s, self.types, self.overrides | self.stage_overrides, self.replacements,
-            self.inferred_types, self.constants,
+            self.inferred_types, self.constants, {t: self._static_dims(t) for t in self.plan.inputs[s]},
         )
         try:
             options = _quiet_options()
             options.intra_op_num_threads = self.threads
             return ort.InferenceSession(stage.SerializeToString(), options, providers=self.providers)
         except Exception as exc:  # ORT raises several unrelated types; all mean "cannot run this"
-            raise UnsupportedModel(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from None
+            raise UnsupportedModel(
+                f"ONNX Runtime cannot load the model (the part up to BN level {s}): {_first_line(exc)}. If the "
+                "whole model loads in onnxruntime.InferenceSession, bnfold cut it wrongly: please report it."
+            ) from None
+
+    def _observe(self, name: str, value: np.ndarray) -> None:
+        if name not in self.types:
+            self.types[name] = _type_of(value)
+            self.shapes[name] = value.shape
+
+    def _static_dims(self, name: str) -> list[int | None]:
+        """The sizes a stage input always has: those shape inference of the whole model proves, and
+        the length of a 1-D integer tensor (a shape, size or index list, as Shape → Gather →
+        Concat makes them), which does not change from batch to batch."""
+        elem, rank = self.types[name]
+        dims = self.inferred_shapes.get(name, (None, None))[1]
+        dims = list(dims) if dims is not None and len(dims) == rank else [None] * rank
+        if rank == 1 and dims[0] is None and np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(elem), np.integer):
+            dims[0] = self.shapes[name][0]
+        return dims
 
     def _set_statistics(self, level: list[g.BatchNorm]) -> None:
         constants = self.constants
@@ -367,32 +390,6 @@ def _type_of(value: np.ndarray) -> tuple[int, int]:
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _with_private_statistics(model, batchnorms) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy in which no BN shares its mean/var tensor with another reader, so each can change alone."""
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    graph = work.graph
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in og.node_inputs(node):
-            readers[name] = readers.get(name, 0) + 1
-    for out in graph.output:
-        readers[out.name] = readers.get(out.name, 0) + 1
-    constants = og.constant_tensors(graph)
-    notes = []
-    for bn in batchnorms:
-        for slot, name in ((3, bn.mean), (4, bn.var)):
-            if readers[name] > 1:
-                private = onnx.TensorProto()
-                private.CopyFrom(constants[name])
-                private.name = f"{name}__{bn.name}"
-                graph.initializer.append(private)
-                graph.node[bn.index].input[slot] = private.name
-                readers[name] -= 1
-                notes.append(f"'{name}' was shared by several readers; BN '{bn.name}' now has its own copy")
-    return work, notes
 
 
 def _subgraph_batchnorm_notes(model) -> list[str]:

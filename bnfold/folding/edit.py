@@ -18,6 +18,7 @@ from onnx import helper, numpy_helper
 
 from bnfold.onnx_graph import (
     constant_node_tensor,
+    foldable_values,
     is_batchnorm,
     is_constant_node,
     node_inputs,
@@ -68,12 +69,16 @@ class EditableGraph:
         return None if node is None or is_constant_node(node) else node
 
     def const(self, name: str) -> np.ndarray | None:
-        """The value of a constant initializer or ``Constant`` node output; None otherwise."""
+        """The value of a constant initializer or ``Constant`` node output, or of a tensor computed
+        from constants only (e.g. the ``Identity`` of a deduplicated initializer); None otherwise."""
         if name not in self._arrays:
             if name in self.inits:
                 self._arrays[name] = numpy_helper.to_array(self.inits[name])
             elif (node := self._writer(name)) is not None and (tensor := constant_node_tensor(node)) is not None:
                 self._arrays[name] = numpy_helper.to_array(tensor)
+            elif node is not None:
+                # graph.node, not self.nodes: a value computed from the model's constants as given
+                self._arrays.update(foldable_values(self.graph, [name], self.opset))
         return self._arrays.get(name)
 
     def rank(self, name: str) -> int | None:
@@ -112,10 +117,18 @@ class EditableGraph:
 
     def finish(self) -> list[str]:
         """Write the node list back; drop constants that folding left unused. Returns their names."""
-        unused = self.used_before - self._used()
-        dead = [n for n in self.nodes if is_constant_node(n) and n.output[0] in unused]
-        for node in dead:
-            self.remove(node)
+        # Nodes whose every output the edits left unread go too (the Constant, Identity or Cast
+        # that fed a folded parameter), repeatedly up their chain; nothing else is touched.
+        dead: list[onnx.NodeProto] = []
+        while True:
+            unused = self.used_before - self._used()
+            newly = [n for n in self.nodes if all(o in unused for o in n.output if o) and any(n.output)]
+            if not newly:
+                break
+            for node in newly:
+                self.remove(node)
+            dead += newly
+        dead = [n for n in dead if is_constant_node(n)]
         removed = sorted({t.name for t in self.graph.initializer if t.name in unused})
         removed += sorted(n.output[0] for n in dead)
         gone = set(removed)

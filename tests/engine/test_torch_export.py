@@ -102,7 +102,7 @@ def _clone(net):
     return copy
 
 
-@pytest.mark.parametrize("opset", [9, 11, 13, 17])
+@pytest.mark.parametrize("opset", [7, 8, 9, 11, 13, 17])
 def test_pytorch_export_recalibrates_to_the_float64_fixed_point_and_folds(opset):
     net = _model()
     model = _export(net, opset)
@@ -124,3 +124,9 @@ def test_pytorch_export_recalibrates_to_the_float64_fixed_point_and_folds(opset)
     onnx.checker.check_model(folded.model, full_check=True)
     out = ort.InferenceSession(folded.model.SerializeToString()).run(None, {"x": x[:4]})[0]
     assert out.shape == (4, 3)
+
+
+def test_a_train_mode_export_is_refused_naming_the_bn_and_the_fix():
+    net = _model().train()  # BN exported with training_mode=1 and its (unused) running-stat outputs
+    with pytest.raises(bnfold.UnsupportedModel, match=r"BatchNormalization '.*' runs in training mode.*model\.eval\(\)"):
+        bnfold.recalibrate(_export(net, 15), np.zeros((4, 3, 8, 8), np.float32))
