@@ -110,7 +110,7 @@ def write_outputs(model_path: Path, job, report_path: Path | None, html_path: Pa
     try:
         for path, data in pending:
             current = path
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.absolute().parent)
+            fd, tmp = temp_beside(path)
             temps.append(tmp)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -178,8 +178,19 @@ class float_kept:
             write_model(self.path, job.float_model)
 
 
+def temp_beside(path: Path) -> tuple[int, str]:
+    """A temporary file next to `path`, to be renamed onto it, with the permissions a plain new file
+    gets (0666 less the umask): mkstemp's private 0600 would follow the rename, and a model written
+    for a team or a container could then be read by its owner alone."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.absolute().parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
+
+
 def write_model(path: Path, model) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", dir=Path(path).absolute().parent)
+    fd, tmp = temp_beside(Path(path))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(model.SerializeToString())
@@ -205,7 +216,7 @@ def print_summary(report: Report, output: Path, report_path: Path | None) -> Non
     print_images(report)
     print_fold(report)
     print_quantize(report)
-    out.print(f"wrote {output}" + (f" and {report_path}" if report_path else "") + f" in {report.timings.get('total', 0):.2f} s")
+    out.print(f"wrote {output}" + (f" and {report_path}" if report_path else "") + f" in {report.timings.get('job', report.timings.get('total', 0)):.2f} s")
 
 
 def print_trust(report: Report) -> None:

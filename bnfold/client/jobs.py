@@ -117,6 +117,9 @@ def report_from_dict(data: dict[str, Any]) -> Report:
 def write_atomic(path: Path, data: bytes) -> None:
     """Temporary file beside `path`, then rename: readers see the old file or all of the new one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.absolute().parent)
+    umask = os.umask(0)  # a saved model gets a plain new file's permissions, not mkstemp's private 0600
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

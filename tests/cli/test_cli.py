@@ -492,3 +492,24 @@ def test_providers_option(files, tmp_path):
     assert bad.exit_code != 0 and not (tmp_path / "p.onnx").exists()
     assert "NoSuchExecutionProvider" in bad.stderr and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_outputs_get_the_permissions_of_a_plain_new_file(files, tmp_path):
+    """Not mkstemp's private 0600: a model written for a team or a container must be readable by them."""
+    old = os.umask(0o022)
+    try:
+        result = invoke("recalibrate", files / "model.onnx", files / "samples.npy", "-o", tmp_path / "o.onnx",
+                        "--report", tmp_path / "r.json", "-q")
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.stderr
+    assert [oct((tmp_path / n).stat().st_mode & 0o777) for n in ("o.onnx", "r.json")] == ["0o644", "0o644"]
+
+
+def test_the_summary_times_the_whole_job(files, tmp_path):
+    report = tmp_path / "r.json"
+    result = invoke("recalibrate", files / "model.onnx", files / "samples.npy", "-o", tmp_path / "o.onnx", "--report", report)
+    assert result.exit_code == 0, result.stderr
+    timings = json.loads(report.read_text())["timings"]
+    assert timings["job"] >= timings["total"] + timings["fold_and_verify"] + timings["signals"] > timings["total"]
+    assert f"in {timings['job']:.2f} s" in " ".join(result.stdout.split())
