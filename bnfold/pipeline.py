@@ -23,8 +23,13 @@ import numpy as np
 import onnx
 
 from bnfold import provenance
-from bnfold.engine.plan import require_batchnorms
-from bnfold.engine.recalibrate import DEFAULT_MEMORY_BUDGET, Progress, check_providers, recalibrate
+from bnfold.engine.recalibrate import (
+    DEFAULT_MEMORY_BUDGET,
+    Progress,
+    check_providers,
+    recalibratable_batchnorms,
+    recalibrate,
+)
 from bnfold.errors import InvalidOptions, InvalidSamples, QuantizationRefused
 from bnfold.folding.fold import UNFOLDABLE, fold_batchnorms
 from bnfold.folding.verify import check_equivalent
@@ -382,7 +387,7 @@ def precheck(model_source: str | os.PathLike | bytes, samples_path: str | os.Pat
     Check samples/labels: readable, one label per sample, first batch fits the model.
     The rest of the data (e.g. NaN in a later batch) is checked by the job itself."""
     model = load_model(_read_bytes(model_source))
-    require_batchnorms(model)
+    recalibratable_batchnorms(model)  # as the job will see them: shared or Identity-routed parameters are fine
     check = _load_check(check_samples, check_labels)  # labels readable, one per sample; first batch fits
     if check is not None:
         next(iter_batches(check[0], model_inputs(model), batch_size))

@@ -130,6 +130,13 @@ def check_providers(providers: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
+def recalibratable_batchnorms(model: onnx.ModelProto) -> list[g.BatchNorm]:
+    """The BNs `recalibrate` would measure — after the same constant-folding of their parameters
+    (`engine.parameters`) — or the error it would raise: for cheap checks before a job is queued."""
+    work, _ = with_private_parameters(model)
+    return g.require_batchnorms(work)
+
+
 class _StageRunner:
     """Runs the stages in order, keeping moments per measured tensor and the new BN statistics."""
 

@@ -136,3 +136,21 @@ def test_fold_reads_constant_foldable_parameters_and_leaves_no_dead_nodes(style)
 
 def _run(model: onnx.ModelProto) -> np.ndarray:
     return ort.InferenceSession(model.SerializeToString()).run(None, {"x": SAMPLES})[0]
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_the_up_front_check_accepts_what_the_job_accepts(style, tmp_path):
+    """The service and CLI check a model before queueing it (`pipeline.precheck`): it must see the BN
+    parameters as the job will, after constant-folding, not refuse an Identity-deduplicated export."""
+    from bnfold.pipeline import precheck
+
+    onnx.save(_model(style), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", SAMPLES)
+    precheck(tmp_path / "m.onnx", tmp_path / "x.npy")
+    refused = _model("plain")
+    bn1 = next(n for n in refused.graph.node if n.name == "bn1")
+    refused.graph.node.insert(0, helper.make_node("ReduceMean", ["x"], ["x_mean"], axes=[0, 2, 3], keepdims=0))
+    bn1.input[1] = "x_mean"
+    onnx.save(refused, tmp_path / "bad.onnx")
+    with pytest.raises(bnfold.UnsupportedModel, match="'bn1'"):
+        precheck(tmp_path / "bad.onnx", tmp_path / "x.npy")
