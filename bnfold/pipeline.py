@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 
 from bnfold import provenance
+from bnfold.engine.memory import default_memory_budget
 from bnfold.engine.recalibrate import (
     DEFAULT_MEMORY_BUDGET,
     Progress,
@@ -146,7 +147,8 @@ class JobOptions:
 
     def int8_options(self) -> Int8Options:
         return Int8Options(method=self.quantize_method, min_agreement=self.min_agreement, min_cosine=self.min_cosine,
-                           batch_size=self.batch_size, keep_bytes=self.memory_budget, threads=self.threads)
+                           batch_size=self.batch_size, threads=self.threads,
+                           keep_bytes=default_memory_budget() if self.memory_budget is None else self.memory_budget)
 
 
 @dataclasses.dataclass
