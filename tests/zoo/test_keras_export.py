@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 import zoo_models as zoo
 
 import bnfold
