@@ -140,8 +140,10 @@ class JobOptions:
                 raise _on_field(exc, f"options.{name}") from None
 
     def int8_options(self) -> Int8Options:
+        # memory_budget None (sized from the RAM at run time) leaves the INT8 step its own default
+        budget = {} if self.memory_budget is None else {"keep_bytes": self.memory_budget}
         return Int8Options(method=self.quantize_method, min_agreement=self.min_agreement, min_cosine=self.min_cosine,
-                           batch_size=self.batch_size, keep_bytes=self.memory_budget, threads=self.threads)
+                           batch_size=self.batch_size, threads=self.threads, **budget)
 
 
 @dataclasses.dataclass
