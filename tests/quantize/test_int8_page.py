@@ -13,9 +13,9 @@ import pytest
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
-from bnfold.demo.lab import N_CALIBRATION, build_demo_model, make_new_lab  # noqa: E402
-from bnfold.pipeline import JobOptions, recalibrate_files  # noqa: E402
-from bnfold.trust.page import render  # noqa: E402
+from bnfold.demo.lab import N_CALIBRATION, build_demo_model, make_new_lab
+from bnfold.pipeline import JobOptions, recalibrate_files
+from bnfold.trust.page import render
 
 
 @pytest.fixture(scope="module")
