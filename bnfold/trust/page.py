@@ -208,15 +208,15 @@ def _int8_section(q: dict[str, Any]) -> str:
 
 
 def _agreement_row(o: dict[str, Any], gate: dict[str, Any]) -> str:
-    def mark(value, threshold):
+    def mark(value, threshold, digits):
         if value is None:
             return "—"
-        return f"<span class='{'ok' if value >= threshold else 'bad'}'>{value:.4f}</span>"
+        return f"<span class='{'ok' if value >= threshold else 'bad'}'>{value:.{digits}f}</span>"
     def ratio(value):  # None: not finite (quantize.gate.to_dict), e.g. a float output that is all zeros
         return "∞" if value is None else f"{value:.2e}"
-    cosine = "—" if o["kind"] == "discrete" else mark(o["cosine"], gate["min_cosine"])
+    cosine = "—" if o["kind"] == "discrete" else mark(o["cosine"], gate["min_cosine"], 5)
     return (f"<tr><td>{html.escape(o['name'])}</td><td>{html.escape(o['kind'])}</td>"
-            f"<td>{mark(o.get('top1'), gate['min_agreement'])}</td><td>{cosine}</td>"
+            f"<td>{mark(o.get('top1'), gate['min_agreement'], 4)}</td><td>{cosine}</td>"
             f"<td>{ratio(o['rel_max'])}</td><td>{ratio(o['rel_mean'])}</td></tr>")
 
 
@@ -229,7 +229,7 @@ def _times(value: float | None) -> str:
 
 
 def _ms(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f} ms"
+    return "—" if value is None else f"{value:.3g} ms"  # a small model runs in hundredths of a ms
 
 
 def _img(fig) -> str:
