@@ -279,6 +279,8 @@ def _backward_concat(g: EditableGraph, bn, concat, aff: _Affine) -> tuple[str, s
         if layer is None:
             raise _Skip(f"Concat input {name!r} is a graph input or a constant")
         _sole_use(g, name, concat, f"Concat input {name!r}")
+        if layer.op_type not in _LAYERS or layer.domain not in DEFAULT_DOMAINS:
+            raise _Skip(f"Concat input {name!r} comes from {layer.op_type}, not Conv, ConvTranspose or Gemm")
         layers.append(layer)
     sizes = [_out_channels(g, layer) for layer in layers]
     if sum(sizes) != aff.channels:

@@ -88,7 +88,7 @@ def _concat_case(kind: str):
 @pytest.mark.parametrize("kind, words", [
     ("read_elsewhere", "also a graph output"),
     ("axis_2", "axis 2, not the channel axis 1"),
-    ("nonlinear", "relu is Relu, not Conv"),
+    ("nonlinear", "'rb' comes from Relu, not Conv"),
     ("graph_input", "'x' is a graph input"),
 ])
 def test_concat_without_an_exact_fold_keeps_the_bn(kind, words):
