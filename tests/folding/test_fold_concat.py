@@ -97,15 +97,16 @@ def test_concat_without_an_exact_fold_keeps_the_bn(kind, words):
     assert [n.op_type for n in result.model.graph.node][-1] == "BatchNormalization"
 
 
-def _transposed(perms, c: int = 3, seed: int = 3):
-    """tf2onnx's pattern: Conv (NCHW) → Transpose… → BN → y."""
+def _transposed(perms, c: int = 3, seed: int = 3, also_out: str | None = None):
+    """tf2onnx's pattern: Conv (NCHW) → Transpose… → BN → y (also_out: a tensor that is a graph output too)."""
     rng = np.random.default_rng(seed)
     nodes = [helper.make_node("Conv", ["x", "w"], ["t0"], name="conv", pads=[1, 1, 1, 1])]
     for i, perm in enumerate(perms):
         nodes.append(helper.make_node("Transpose", [f"t{i}"], [f"t{i + 1}"], name=f"tr{i}", perm=perm))
     nodes.append(bn_node("bn", f"t{len(perms)}", "y"))
     inits = [init(rng, "w", (3, 2, 3, 3)), *bn_inits(rng, "bn", c)]
-    return make_model(nodes, [("x", ["N", 2, 4, 5])], [("y", None)], inits)
+    outputs = [("y", None)] + ([(also_out, None)] if also_out else [])
+    return make_model(nodes, [("x", ["N", 2, 4, 5])], outputs, inits)
 
 
 def test_bn_between_cancelling_transposes_folds_into_the_conv():
@@ -118,3 +119,8 @@ def test_bn_on_a_transposed_conv_output_whose_channel_axis_moved_is_kept():
     # NCHW → NHWC: the BN's axis 1 is the conv's H (4 rows), not its channels
     result = fold_and_check(_transposed([[0, 2, 3, 1]], c=4), ["kept"])
     assert "axis 2 of conv" in result.decisions[0].reason
+
+
+def test_bn_after_transposes_whose_middle_tensor_is_read_elsewhere_is_kept():
+    result = fold_and_check(_transposed([[0, 2, 3, 1], [0, 3, 1, 2]], also_out="t1"), ["kept"])
+    assert "'t1' is also a graph output" in result.decisions[0].reason
