@@ -23,7 +23,6 @@ import numpy as np
 import onnx
 
 from bnfold import provenance
-from bnfold.engine.memory import default_memory_budget
 from bnfold.engine.recalibrate import (
     DEFAULT_MEMORY_BUDGET,
     Progress,
@@ -146,9 +145,10 @@ class JobOptions:
                 raise _on_field(exc, f"options.{name}") from None
 
     def int8_options(self) -> Int8Options:
+        # memory_budget None (sized from the RAM at run time) leaves the INT8 step its own default
+        budget = {} if self.memory_budget is None else {"keep_bytes": self.memory_budget}
         return Int8Options(method=self.quantize_method, min_agreement=self.min_agreement, min_cosine=self.min_cosine,
-                           batch_size=self.batch_size, threads=self.threads,
-                           keep_bytes=default_memory_budget() if self.memory_budget is None else self.memory_budget)
+                           batch_size=self.batch_size, threads=self.threads, **budget)
 
 
 @dataclasses.dataclass

@@ -191,6 +191,7 @@ _OPS = {
     "Relu": lambda a, x: np.maximum(x, 0.0),
     "BatchNormalization": _batch_norm,
     "Concat": lambda a, *xs: np.concatenate(xs, axis=a["axis"]),
+    "Transpose": lambda a, x: np.transpose(x, a.get("perm")),  # no perm: reversed axes, as ONNX
     "Slice": _slice,
     "Flatten": _flatten,
     "GlobalAveragePool": lambda a, x: x.mean(axis=tuple(range(2, x.ndim)), keepdims=True),

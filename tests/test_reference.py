@@ -191,6 +191,12 @@ def test_conv_transpose_output_beyond_the_full_output_is_refused():
         run_reference(model, inputs)
 
 
+@pytest.mark.parametrize("perm", [[0, 2, 3, 1], [0, 3, 1, 2], None])
+def test_transpose_matches_onnxruntime(perm):
+    attrs = {} if perm is None else {"perm": perm}
+    _agrees_with_onnxruntime(*_one_node("Transpose", [2, 3, 4, 5], **attrs))
+
+
 def test_constant_node_matches_onnxruntime():
     rng = np.random.default_rng(0)
     value = numpy_helper.from_array(rng.normal(size=(3, 1)).astype(np.float32), "c")

@@ -19,6 +19,12 @@ Backward (BN after the layer; the layer's output must feed only the BN):
   a scalar is expanded by that product; C is created when absent (optional from opset 11).
 * ``MatMul`` X (M, K) @ W (K, N), W constant, output rank 2, optionally followed by ``Add`` of a
   constant c: W' = W·a (columns), c' = a·c + b; without the Add one ``Add(·, b)`` is appended.
+* ``Concat`` (axis 1) of Conv/ConvTranspose/Gemm outputs, each read only by the Concat (MixNet's
+  split convolutions): input i holds BN channels [o_i, o_i + C_i), so its layer absorbs
+  a[o_i : o_i + C_i] and b[o_i : o_i + C_i] as above. All layers are checked before any is changed.
+* ``Transpose`` chains after a Conv/ConvTranspose/Gemm (tf2onnx's NHWC↔NCHW pairs): the BN's axis 1
+  is the layer's axis perm₁[…permₖ[1]]; when that is 1 the layer absorbs the BN and the Transposes
+  stay (a·T(z) + b = T(a·z + b) when a, b run along z's channel axis).
 
 Forward (BN before the layer; the BN output must feed only that layer's data input):
 
@@ -28,7 +34,7 @@ Forward (BN before the layer; the BN output must feed only that layer's data inp
 * ``Gemm`` with transA = 0: B' = diag(a)·B', C' = β·C + α·b·B', β' = 1.
 
 Rules are tried in that order (backward, forward). A BN that no rule folds exactly (e.g.
-DenseNet's BNs after a Concat, followed by Relu) is by default kept as BatchNormalization
+DenseNet's BNs after a Concat whose inputs later blocks read too, followed by Relu) is by default kept as BatchNormalization
 (``unfoldable="keep"``): one op in every runtime, and its statistics are already the model's. With
 ``unfoldable="affine"`` (for runtimes without BatchNormalization) it becomes
 ``Mul(x, a) → Add(·, b)`` with constants of shape (C, 1, …, 1), which broadcast over axis 1. A
@@ -209,23 +215,122 @@ def _fold_backward(g: EditableGraph, bn: onnx.NodeProto, aff: _Affine) -> tuple[
     _sole_use(g, x, bn, "its input")
     rule = _BACKWARD.get(producer.op_type) if producer.domain in DEFAULT_DOMAINS else None
     if rule is None:
-        raise _Skip(f"its producer {producer.op_type} is not Conv, ConvTranspose, Gemm or MatMul")
-    how = rule(g, bn, producer, aff)
+        raise _Skip(f"its producer {producer.op_type} is not Conv, ConvTranspose, Gemm, MatMul, Concat or Transpose")
+    into, how = rule(g, bn, producer, aff)
     g.remove(bn)
-    return _label(producer), how
+    return into, how
 
 
-def _backward_conv(g: EditableGraph, bn, conv, aff: _Affine) -> str:
+def _backward_into_layer(g: EditableGraph, bn, layer, aff: _Affine) -> tuple[str, str]:
+    """Conv / ConvTranspose / Gemm → BN: the layer absorbs the BN and writes its output."""
+    how = _apply_plan(g, layer, _layer_plan(g, layer, aff))
+    layer.output[0] = bn.output[0]
+    return _label(layer), how
+
+
+def _layer_plan(g: EditableGraph, layer, aff: _Affine) -> tuple[np.ndarray, np.ndarray, str]:
+    """The folded (weight, bias) of a Conv/ConvTranspose/Gemm, cast to their dtypes, and how.
+
+    Nothing is written, so several layers can be checked before any is changed.
+    """
+    rule = _LAYERS.get(layer.op_type) if layer.domain in DEFAULT_DOMAINS else None
+    if rule is None:
+        raise _Skip(f"{_label(layer)} is {layer.op_type}, not Conv, ConvTranspose or Gemm")
+    w64, bias64, how = rule(g, layer, aff)
+    w, bias = _cast_pair(g, layer, w64, bias64)
+    return w, bias, how
+
+
+def _apply_plan(g: EditableGraph, layer, plan: tuple[np.ndarray, np.ndarray, str]) -> str:
+    w, bias, how = plan
+    _install(g, layer, w, bias)
+    if layer.op_type == "Gemm":
+        _drop_beta(layer)
+    return how
+
+
+def _out_channels(g: EditableGraph, layer) -> int:
+    """Output channels (axis 1) of a Conv/ConvTranspose/Gemm, read from its constant weight."""
+    if layer.op_type not in _LAYERS or layer.domain not in DEFAULT_DOMAINS:
+        raise _Skip(f"{_label(layer)} is {layer.op_type}, not Conv, ConvTranspose or Gemm")
+    w = _require_const(g, layer.input[1], f"the {layer.op_type} weight")
+    attrs = _attrs(layer)
+    if layer.op_type == "ConvTranspose":
+        return int(attrs.get("group", 1)) * int(w.shape[1])
+    if layer.op_type == "Gemm":
+        return int(w.shape[0] if attrs.get("transB", 0) else w.shape[1])
+    return int(w.shape[0])
+
+
+def _backward_concat(g: EditableGraph, bn, concat, aff: _Affine) -> tuple[str, str]:
+    """Concat(axis=1) of layer outputs → BN: each layer absorbs its slice of a and b.
+
+    Input i covers channels [o_i, o_i + C_i) of the BN; its producer gets a[o_i:o_i+C_i],
+    b[o_i:o_i+C_i]. Every input must be a Conv/ConvTranspose/Gemm output read only by the Concat.
+    """
+    axis, rank = int(_attrs(concat).get("axis", 1)), g.rank(bn.input[0])
+    if axis < 0 and rank is not None:
+        axis += rank
+    if axis != 1:
+        raise _Skip(f"its producer Concat joins axis {axis}, not the channel axis 1")
+    layers = []
+    for name in concat.input:
+        layer = g.producer(name)
+        if layer is None:
+            raise _Skip(f"Concat input {name!r} is a graph input or a constant")
+        _sole_use(g, name, concat, f"Concat input {name!r}")
+        if layer.op_type not in _LAYERS or layer.domain not in DEFAULT_DOMAINS:
+            raise _Skip(f"Concat input {name!r} comes from {layer.op_type}, not Conv, ConvTranspose or Gemm")
+        layers.append(layer)
+    sizes = [_out_channels(g, layer) for layer in layers]
+    if sum(sizes) != aff.channels:
+        raise _Skip(f"the Concat inputs have {sum(sizes)} channels, the BN {aff.channels}")
+    edges = np.cumsum([0, *sizes])
+    plans = [_layer_plan(g, layer, _Affine(aff.a[lo:hi], aff.b[lo:hi]))
+             for layer, lo, hi in zip(layers, edges[:-1], edges[1:])]
+    for layer, plan in zip(layers, plans):  # all planned first: a refusal leaves the graph as it was
+        _apply_plan(g, layer, plan)
+    concat.output[0] = bn.output[0]
+    return ", ".join(_label(layer) for layer in layers), f"split along the Concat into {len(layers)} layers: " + plans[0][2]
+
+
+def _backward_transpose(g: EditableGraph, bn, transpose, aff: _Affine) -> tuple[str, str]:
+    """Layer → Transpose… → BN where the chain maps the BN's axis 1 back to the layer's axis 1.
+
+    y = T(z) and BN scales y's axis 1, which is z's axis perm[1]; through a chain the perms
+    compose. When that is the layer's channel axis, a·T(z) + b = T(a·z + b) along it.
+    """
+    node, axis = transpose, 1
+    while node is not None and node.op_type == "Transpose" and node.domain in DEFAULT_DOMAINS:
+        perm = _attrs(node).get("perm")
+        if perm is None:
+            rank = g.rank(node.input[0])
+            if rank is None:
+                raise _Skip("a Transpose without perm on a tensor of unknown rank")
+            perm = list(range(rank))[::-1]
+        axis = int(perm[axis])
+        _sole_use(g, node.input[0], node, "the Transpose input")
+        node = g.producer(node.input[0])
+    if node is None:
+        raise _Skip("the Transposes before it read a graph input or a constant")
+    if axis != 1:
+        raise _Skip(f"the Transposes before it map its channel axis to axis {axis} of {_label(node)}")
+    if _out_channels(g, node) != aff.channels:
+        raise _Skip(f"{_label(node)} has {_out_channels(g, node)} output channels, the BN {aff.channels}")
+    how = _apply_plan(g, node, _layer_plan(g, node, aff))
+    transpose.output[0] = bn.output[0]  # the layer keeps its output name; the Transposes stay
+    return _label(node), how + ", through the Transpose(s) before the BN"
+
+
+def _backward_conv(g: EditableGraph, conv, aff: _Affine) -> tuple[np.ndarray, np.ndarray, str]:
     w = _require_const(g, conv.input[1], "the Conv weight")
     if w.shape[0] != aff.channels:
         raise _Skip(f"Conv has {w.shape[0]} output channels, the BN {aff.channels}")
     w64 = w.astype(np.float64) * _along(aff.a, 0, w.ndim)
-    _rewrite(g, conv, w64, _backward_bias(g, conv, aff))
-    conv.output[0] = bn.output[0]
-    return "output channels of W scaled by a, bias = a·bias + b"
+    return w64, _backward_bias(g, conv, aff), "output channels of W scaled by a, bias = a·bias + b"
 
 
-def _backward_conv_transpose(g: EditableGraph, bn, conv, aff: _Affine) -> str:
+def _backward_conv_transpose(g: EditableGraph, conv, aff: _Affine) -> tuple[np.ndarray, np.ndarray, str]:
     w = _require_const(g, conv.input[1], "the ConvTranspose weight")
     group = int(_attrs(conv).get("group", 1))
     c_in, per_group, kernel = w.shape[0], w.shape[1], w.shape[2:]
@@ -234,9 +339,8 @@ def _backward_conv_transpose(g: EditableGraph, bn, conv, aff: _Affine) -> str:
     # W is (C_in, M/group, k…); output channel g·(M/group)+j reads W[group g's rows, j].
     w64 = w.astype(np.float64).reshape(group, c_in // group, per_group, *kernel)
     w64 = (w64 * aff.a.reshape(group, 1, per_group, *[1] * len(kernel))).reshape(w.shape)
-    _rewrite(g, conv, w64, _backward_bias(g, conv, aff))
-    conv.output[0] = bn.output[0]
-    return f"W (C_in, M/group, k…) scaled along axis 1 per group (group={group}), bias = a·bias + b"
+    how = f"W (C_in, M/group, k…) scaled along axis 1 per group (group={group}), bias = a·bias + b"
+    return w64, _backward_bias(g, conv, aff), how
 
 
 def _backward_bias(g: EditableGraph, conv, aff: _Affine) -> np.ndarray:
@@ -244,7 +348,7 @@ def _backward_bias(g: EditableGraph, conv, aff: _Affine) -> np.ndarray:
     return aff.b.copy() if bias is None else bias.astype(np.float64).reshape(-1) * aff.a + aff.b
 
 
-def _backward_gemm(g: EditableGraph, bn, gemm, aff: _Affine) -> str:
+def _backward_gemm(g: EditableGraph, gemm, aff: _Affine) -> tuple[np.ndarray, np.ndarray, str]:
     attrs = _attrs(gemm)
     w = _require_const(g, gemm.input[1], "Gemm's B")
     trans_b = bool(attrs.get("transB", 0))
@@ -256,13 +360,10 @@ def _backward_gemm(g: EditableGraph, bn, gemm, aff: _Affine) -> str:
     c = _third_const(g, gemm, "Gemm's C")
     # C' = a·(β·C) + b: expanding a broadcast C (scalar, (N,), (1,N), (M,1)) by the product.
     c64 = aff.b if c is None or beta == 0 else beta * c.astype(np.float64) * aff.a + aff.b
-    _rewrite(g, gemm, w64, c64)
-    _drop_beta(gemm)
-    gemm.output[0] = bn.output[0]
-    return "columns of B' scaled by a, C = a·β·C + b, β = 1"
+    return w64, c64, "columns of B' scaled by a, C = a·β·C + b, β = 1"
 
 
-def _backward_matmul(g: EditableGraph, bn, matmul, aff: _Affine) -> str:
+def _backward_matmul(g: EditableGraph, bn, matmul, aff: _Affine) -> tuple[str, str]:
     w = _matmul_weight(g, bn, matmul, aff)
     _require_broadcasting(g)
     w_new, b_new = _cast(w.astype(np.float64) * aff.a, w.dtype), _cast(aff.b, w.dtype)
@@ -270,10 +371,10 @@ def _backward_matmul(g: EditableGraph, bn, matmul, aff: _Affine) -> str:
     new_b = g.add_initializer(b_new, bn.input[2] or "bias")
     add = helper.make_node("Add", [matmul.output[0], new_b], [bn.output[0]], name=g.fresh(_label(bn) + "/bias"))
     g.insert_before(bn, add)
-    return "columns of W scaled by a; the shift b became an Add"
+    return _label(matmul), "columns of W scaled by a; the shift b became an Add"
 
 
-def _backward_add(g: EditableGraph, bn, add, aff: _Affine) -> str:
+def _backward_add(g: EditableGraph, bn, add, aff: _Affine) -> tuple[str, str]:
     """MatMul(X, W) → Add(·, c) → BN, the ONNX export of Linear → BatchNorm1d."""
     k = next((i for i in (0, 1) if g.const(add.input[1 - i]) is not None), None)
     if k is None:
@@ -290,7 +391,7 @@ def _backward_add(g: EditableGraph, bn, add, aff: _Affine) -> str:
     matmul.input[1] = g.add_initializer(w_new, matmul.input[1])
     add.input[1 - k] = g.add_initializer(c_new, add.input[1 - k])
     add.output[0] = bn.output[0]
-    return f"columns of W scaled by a in {_label(matmul)}, Add constant = a·c + b"
+    return _label(add), f"columns of W scaled by a in {_label(matmul)}, Add constant = a·c + b"
 
 
 def _matmul_weight(g: EditableGraph, bn, matmul, aff: _Affine) -> np.ndarray:
@@ -304,12 +405,14 @@ def _matmul_weight(g: EditableGraph, bn, matmul, aff: _Affine) -> np.ndarray:
     return w
 
 
+#: layers that absorb a BN after them: (g, layer, aff) → (folded weight, folded bias, how), float64
+_LAYERS = {"Conv": _backward_conv, "ConvTranspose": _backward_conv_transpose, "Gemm": _backward_gemm}
 _BACKWARD = {
-    "Conv": _backward_conv,
-    "ConvTranspose": _backward_conv_transpose,
-    "Gemm": _backward_gemm,
+    **dict.fromkeys(_LAYERS, _backward_into_layer),
     "MatMul": _backward_matmul,
     "Add": _backward_add,
+    "Concat": _backward_concat,
+    "Transpose": _backward_transpose,
 }
 
 
@@ -410,10 +513,18 @@ def _third(node: onnx.NodeProto) -> str | None:
 
 def _rewrite(g: EditableGraph, node, w64: np.ndarray, bias64: np.ndarray) -> None:
     """New initializers for input 1 (weight) and input 2 (bias or C, created when absent)."""
+    _install(g, node, *_cast_pair(g, node, w64, bias64))
+
+
+def _cast_pair(g: EditableGraph, node, w64: np.ndarray, bias64: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cast before touching the node, so an overflow leaves the graph as it was."""
+    third = _third(node)
+    w = _cast(w64, g.const(node.input[1]).dtype)
+    return w, _cast(np.asarray(bias64), g.const(third).dtype if third else w.dtype)
+
+
+def _install(g: EditableGraph, node, w: np.ndarray, bias: np.ndarray) -> None:
     weight, third = node.input[1], _third(node)
-    # Cast both before touching the node so an overflow leaves the graph as it was.
-    w = _cast(w64, g.const(weight).dtype)
-    bias = _cast(np.asarray(bias64), g.const(third).dtype if third else w.dtype)
     node.input[1] = g.add_initializer(w, weight)
     bias_name = g.add_initializer(bias, third or weight + "_bias")
     if len(node.input) > 2:

@@ -35,6 +35,9 @@ def render(report: dict[str, Any], title: str = "bnfold report") -> str:
         parts.append(_img(_layer_figure(Figure, FuncFormatter, layers)))
     parts.append("<h2>2. Did it help?</h2>" + _help_section(Figure, report))
     parts.append("<h2>3. What happened to each BatchNorm when folding</h2>" + _fold_section(report))
+    quantized = (report.get("extra") or {}).get("quantize")
+    if quantized:
+        parts.append("<h2>4. INT8</h2>" + _int8_section(quantized))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -175,6 +178,60 @@ def _fold_section(report: dict[str, Any]) -> str:
             f"<table class='grid'><tr><th>BatchNorm</th><th>fate</th><th>into</th><th>why</th></tr>{rows}</table>")
 
 
+def _int8_section(q: dict[str, Any]) -> str:
+    """extra["quantize"] (bnfold.quantize.int8): size, the agreement gate per output, INT8 ops, latency."""
+    size, gate = q["size"], q["gate"]
+    calibrated = plural(q.get("calibration", {}).get("samples", 0), "sample")
+    out = [(f"<p>Quantized statically ({html.escape(str(q['format']))}; weights {html.escape(str(q['weights']))}; "
+            f"activations {html.escape(str(q['activations']))}), ranges calibrated ({html.escape(str(q['method']))}) "
+            f"on {calibrated} of the new domain, after folding. Size {_mib(size['float_bytes'])} → "
+            f"<b>{_mib(size['int8_bytes'])}</b> ({size['ratio']:.0%} of the float model).</p>")]
+    rows = "".join(_agreement_row(o, gate) for o in gate["outputs"])
+    out.append(f"<p><b>Agreement with the float model</b> on {plural(gate['samples'], 'sample')}; the INT8 model is "
+               f"refused below top-1 {gate['min_agreement']:g} or cosine {gate['min_cosine']:g}.</p>"
+               "<table class='grid'><tr><th>output</th><th>kind</th><th>top-1 agreement</th><th>cosine</th>"
+               f"<th>max |Δ| / max |y|</th><th>mean |Δ| / mean |y|</th></tr>{rows}</table>")
+    ops = q.get("ops") or {}
+    out.append(f"<p>Runs in INT8: {html.escape(', '.join(ops.get('int8') or []) or 'none')}. "
+               f"Left in float: {html.escape(', '.join(ops.get('float') or []) or 'none')}.</p>")
+    latency = q.get("latency")
+    if latency:
+        cells = "".join(f"<tr><th>{html.escape(k.replace('_', ' '))}</th><td>{_ms(v.get('float_ms'))}</td>"
+                        f"<td>{_ms(v.get('int8_ms'))}</td><td>{_times(v.get('speedup'))}</td></tr>"
+                        for k, v in latency.items())
+        out.append("<p>ONNX Runtime CPU latency (median of repeated runs on this machine):</p><table class='kv'>"
+                   f"<tr><th></th><th>float</th><th>INT8</th><th>speed-up</th></tr>{cells}</table>")
+    else:
+        out.append("<p class='muted'>Latency was not measured.</p>")
+    notes = "".join(f"<li>{html.escape(w)}</li>" for w in q.get("warnings") or [])
+    return "\n".join(out) + (f"<div class='warn'><ul>{notes}</ul></div>" if notes else "")
+
+
+def _agreement_row(o: dict[str, Any], gate: dict[str, Any]) -> str:
+    def mark(value, threshold, digits):
+        if value is None:
+            return "—"
+        return f"<span class='{'ok' if value >= threshold else 'bad'}'>{value:.{digits}f}</span>"
+    def ratio(value):  # None: not finite (quantize.gate.to_dict), e.g. a float output that is all zeros
+        return "∞" if value is None else f"{value:.2e}"
+    cosine = "—" if o["kind"] == "discrete" else mark(o["cosine"], gate["min_cosine"], 5)
+    return (f"<tr><td>{html.escape(o['name'])}</td><td>{html.escape(o['kind'])}</td>"
+            f"<td>{mark(o.get('top1'), gate['min_agreement'], 4)}</td><td>{cosine}</td>"
+            f"<td>{ratio(o['rel_max'])}</td><td>{ratio(o['rel_mean'])}</td></tr>")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
+
+
+def _times(value: float | None) -> str:
+    return "—" if value is None else f"×{value:.2f}"
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3g} ms"  # a small model runs in hundredths of a ms
+
+
 def _img(fig) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
@@ -185,7 +242,7 @@ _HEAD = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{ti
 <style>body{{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;color:#222;line-height:1.45}}
 h1{{margin-bottom:.2em}} table{{border-collapse:collapse;margin:.8em 0}} th,td{{padding:.25em .8em;text-align:left}}
 table.grid td,table.grid th{{border-bottom:1px solid #ddd;font-size:.9em}} table.kv th{{font-weight:600}}
-.warn{{background:#fff4e5;border-left:4px solid #e69500;padding:.5em 1em}} .ok{{color:#2e7d32}}
+.warn{{background:#fff4e5;border-left:4px solid #e69500;padding:.5em 1em}} .ok{{color:#2e7d32}} .bad{{color:#c62828;font-weight:600}}
 img{{max-width:100%}} .muted{{color:#666}}</style></head><body><h1>{title}</h1>"""
 
 _INTRO = """<p class="muted">A model's BatchNorm layers normalise activations with a mean and variance measured on

@@ -235,3 +235,11 @@ def test_precheck_refuses_a_float16_model_before_any_work(tmp_path):
     precheck(tmp_path / "m.onnx", tmp_path / "x.npy", options=JobOptions())  # fine without quantize
     with pytest.raises(QuantizationRefused, match="float16"):
         precheck(tmp_path / "m.onnx", tmp_path / "x.npy", options=JobOptions(quantize="int8"))
+
+
+def test_job_default_memory_budget_gives_the_int8_default_keep_bytes():
+    """JobOptions().memory_budget is None (sized at run time); the INT8 step must still get a number."""
+    from bnfold.quantize.int8 import DEFAULT_KEEP_BYTES
+
+    assert JobOptions(quantize="int8").int8_options().keep_bytes == DEFAULT_KEEP_BYTES
+    assert JobOptions(quantize="int8", memory_budget=1234).int8_options().keep_bytes == 1234

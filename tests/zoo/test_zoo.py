@@ -33,20 +33,17 @@ FOLD_TOL = 1e-3
 SAMPLES = 16
 BATCH = 6  # not a divisor of SAMPLES: the last batch is short
 
-# Fold outcomes that depend on the other half of the issue (branch h12-fold): BNs with no exact
-# linear neighbour become Mul + Add today instead of staying BatchNormalization.
-PENDING_FOLD = {
-    "densenet121": "pending h12-fold: DenseNet's post-Concat BNs become Mul+Add instead of staying BN",
-    "mixnet_s": "pending h12-fold: MixNet's BNs after Concat of split convolutions become Mul+Add",
-}
+# BNs that have no exact linear neighbour and therefore stay BatchNormalization (issue 12), with the
+# producer each one's reason names: DenseNet's BNs after a Concat whose inputs later blocks read too
+# (58 dense layers' norm1, 3 transitions, norm5), followed by Relu; flatten_head's BatchNorm1d after a
+# dynamic Reshape, followed by ReduceMean. Every other case folds to 0 BN.
+KEPT = {"densenet121": (62, "Concat"), "flatten_head": (1, "Reshape")}
 
 
-def _params(cases, pending=None):
+def _params(cases):
     out = []
     for case in cases:
         marks = [pytest.mark.heavy] if case.heavy else []
-        if pending and case.name in pending:
-            marks.append(pytest.mark.xfail(reason=pending[case.name], strict=False))
         out.append(pytest.param(case, id=case.id, marks=marks))
     return out
 
@@ -85,7 +82,7 @@ def test_statistics_match_the_float64_pytorch_fixed_point(case):
     assert mean_err < STATS_TOL and var_err < STATS_TOL, (mean_err, var_err)
 
 
-@pytest.mark.parametrize("case", _params(zoo.CASES, PENDING_FOLD))
+@pytest.mark.parametrize("case", _params(zoo.CASES))
 def test_pipeline_folds_and_matches_on_real_samples(case, tmp_path):
     _require(case)
     _, model, x = _exported(case)
@@ -94,8 +91,11 @@ def test_pipeline_folds_and_matches_on_real_samples(case, tmp_path):
                             JobOptions(batch_size=BATCH, verify_samples=SAMPLES))
     decisions = out.report.extra["fold"]["decisions"]
     without_neighbour = [d for d in decisions if d["fate"] in ("kept", "affine")]
+    kept, producer = KEPT.get(case.name, (0, None))
+    assert len(without_neighbour) == kept, [d["reason"] for d in without_neighbour]
     for d in without_neighbour:
-        assert d["reason"], d
+        assert "no exact linear neighbour" in d["reason"], d
+        assert f"its producer {producer}" in d["reason"] or f"{producer} input" in d["reason"], d
     assert zoo.count_op(out.model, "BatchNormalization") == len(without_neighbour)
     assert not [d["bn"] for d in decisions if d["fate"] == "affine"], "BN without an exact neighbour must stay BN"
     unfolded = _recalibrated(case).model
