@@ -442,7 +442,7 @@ def _forward_conv(g: EditableGraph, conv, aff: _Affine) -> str:
     attrs = _attrs(conv)
     w = _require_const(g, conv.input[1], "the Conv weight")
     group = int(attrs.get("group", 1))
-    m, per_group, kernel = w.shape[0], w.shape[1], w.shape[2:]
+    m, per_group = w.shape[0], w.shape[1]
     if group * per_group != aff.channels or m % group:
         raise _Skip(f"Conv reads {plural(group * per_group, 'channel')}, the BN has {aff.channels}")
     if _pads(attrs) and np.any(aff.b):
