@@ -33,7 +33,8 @@ Forward (BN before the layer; the BN output must feed only that layer's data inp
   affine map, where the unfolded model would have had a·0 + b = b.
 * ``Gemm`` with transA = 0: B' = diag(a)·B', C' = β·C + α·b·B', β' = 1.
 
-Rules are tried in that order (backward, forward). A BN that no rule folds exactly (e.g.
+Rules are tried in that order: `backward`, then `forward` (one module each; `weights` holds what
+they share). A BN that no rule folds exactly (e.g.
 DenseNet's BNs after a Concat whose inputs later blocks read too, followed by Relu) is by default kept as BatchNormalization
 (``unfoldable="keep"``): one op in every runtime, and its statistics are already the model's. With
 ``unfoldable="affine"`` (for runtimes without BatchNormalization) it becomes
