@@ -64,6 +64,18 @@ def _image_option(name: str, help: str):
     return typer.Option(name, help=help, rich_help_panel="Image samples (folder or archive)")
 
 
+# the image flags of `recalibrate` and `fold` (for its image --samples)
+Resize = Annotated[Optional[str], _image_option("--resize", "Shorter side (256) or exact HxW (224x320).")]
+Crop = Annotated[Optional[str], _image_option("--crop", "Center crop: 224 or HxW; zero-pads if larger.")]
+Color = Annotated[Optional[str], _image_option("--color", "rgb, grey or keep (the decoded channels).")]
+Channels = Annotated[Optional[str], _image_option("--channels", "Channels to keep, in order, e.g. 2,1,0 for BGR.")]
+Scale = Annotated[Optional[str], _image_option("--scale", "Pixel multiplier: auto (1/255, 1/65535 by depth), 1/255, 0.5 ...")]
+Mean = Annotated[Optional[str], _image_option("--mean", "Per-channel mean after scaling, e.g. 0.485,0.456,0.406.")]
+Std = Annotated[Optional[str], _image_option("--std", "Per-channel std, e.g. 0.229,0.224,0.225.")]
+Layout = Annotated[Optional[str], _image_option("--layout", "NCHW or NHWC.")]
+Interpolation = Annotated[Optional[str], _image_option("--interpolation", "bilinear (default), nearest, bicubic, box, hamming, lanczos.")]
+
+
 def _int8_option(name: str, help: str):
     return typer.Option(name, help=help, rich_help_panel="INT8 quantization")
 
@@ -107,15 +119,15 @@ def recalibrate_command(
                          "extra) instead of here: same outputs; --memory-budget is then the server's.")] = None,
     preprocess: Annotated[Optional[Path], _image_option("--preprocess", "JSON preprocessing spec; the flags below override its fields, "
                                                         "which override the spec the model carries.")] = None,
-    resize: Annotated[Optional[str], _image_option("--resize", "Shorter side (256) or exact HxW (224x320).")] = None,
-    crop: Annotated[Optional[str], _image_option("--crop", "Center crop: 224 or HxW; zero-pads if larger.")] = None,
-    color: Annotated[Optional[str], _image_option("--color", "rgb, grey or keep (the decoded channels).")] = None,
-    channels: Annotated[Optional[str], _image_option("--channels", "Channels to keep, in order, e.g. 2,1,0 for BGR.")] = None,
-    scale: Annotated[Optional[str], _image_option("--scale", "Pixel multiplier: auto (1/255, 1/65535 by depth), 1/255, 0.5 ...")] = None,
-    mean: Annotated[Optional[str], _image_option("--mean", "Per-channel mean after scaling, e.g. 0.485,0.456,0.406.")] = None,
-    std: Annotated[Optional[str], _image_option("--std", "Per-channel std, e.g. 0.229,0.224,0.225.")] = None,
-    layout: Annotated[Optional[str], _image_option("--layout", "NCHW or NHWC.")] = None,
-    interpolation: Annotated[Optional[str], _image_option("--interpolation", "bilinear (default), nearest, bicubic, box, hamming, lanczos.")] = None,
+    resize: Resize = None,
+    crop: Crop = None,
+    color: Color = None,
+    channels: Channels = None,
+    scale: Scale = None,
+    mean: Mean = None,
+    std: Std = None,
+    layout: Layout = None,
+    interpolation: Interpolation = None,
     on_bad_image: Annotated[str, _image_option("--on-bad-image", "fail on an unreadable or mismatched image, or skip it (listed in the report).")] = "fail",
     verify_samples: VerifySamples = 32,
     rtol: Rtol = None,
@@ -187,15 +199,15 @@ def fold_command(
     unfoldable: Unfoldable = "keep",
     preprocess: Annotated[Optional[Path], _image_option("--preprocess", "JSON preprocessing spec for image --samples; the flags "
                                                         "below override its fields, which override the spec the model carries.")] = None,
-    resize: Annotated[Optional[str], _image_option("--resize", "Shorter side (256) or exact HxW (224x320).")] = None,
-    crop: Annotated[Optional[str], _image_option("--crop", "Center crop: 224 or HxW; zero-pads if larger.")] = None,
-    color: Annotated[Optional[str], _image_option("--color", "rgb, grey or keep (the decoded channels).")] = None,
-    channels: Annotated[Optional[str], _image_option("--channels", "Channels to keep, in order, e.g. 2,1,0 for BGR.")] = None,
-    scale: Annotated[Optional[str], _image_option("--scale", "Pixel multiplier: auto (1/255, 1/65535 by depth), 1/255, 0.5 ...")] = None,
-    mean: Annotated[Optional[str], _image_option("--mean", "Per-channel mean after scaling, e.g. 0.485,0.456,0.406.")] = None,
-    std: Annotated[Optional[str], _image_option("--std", "Per-channel std, e.g. 0.229,0.224,0.225.")] = None,
-    layout: Annotated[Optional[str], _image_option("--layout", "NCHW or NHWC.")] = None,
-    interpolation: Annotated[Optional[str], _image_option("--interpolation", "bilinear (default), nearest, bicubic, box, hamming, lanczos.")] = None,
+    resize: Resize = None,
+    crop: Crop = None,
+    color: Color = None,
+    channels: Channels = None,
+    scale: Scale = None,
+    mean: Mean = None,
+    std: Std = None,
+    layout: Layout = None,
+    interpolation: Interpolation = None,
 ) -> None:
     """Fold BN into neighbouring layers without recalibrating (verified on --samples, else on random inputs
     at the scale the model's BN statistics imply)."""
