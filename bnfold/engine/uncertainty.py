@@ -30,10 +30,10 @@ moved to ours (a → a + d, b → b + 2d·a + d², an affine map of means and co
 of the samples into batches therefore gives the same result up to float64 rounding. K keeps the
 squares from cancelling when |μ| ≫ σ (see `moments`).
 
-Cost: one more pass over each measured tensor (per-sample shifted sums; ~1.4× the total time of a
-recalibration on a 2-BN, 64×112×112 model on a busy 2-core machine). The pooled `moments.Moments`
-are the sum over samples of the same per-sample sums, so the two passes can become one — or both
-can come out of the ORT graph as per-sample ReduceSum / ReduceSumSquare over the spatial axes.
+Cost: none beyond the pooled statistics. The recalibration runner reads each measured tensor once
+(`moments.shifted_sample_sums`, per-sample shifted sums S1, S2 of shape (N, C)); the pooled
+`moments.Moments` are their sums over samples, and `SampleStream.add_moments` takes a = S1/L,
+b = S2/L around the same K (bench/RESULTS.md §5, "one pass for pooled and per-sample moments").
 
 Split-half agreement: `SampleStream` also keeps the moments of ≤ 64 consecutive chunks of the
 sample sequence, so the first and second half (split at the chunk boundary nearest n/2) can be
@@ -46,7 +46,7 @@ import dataclasses
 
 import numpy as np
 
-from bnfold.engine.moments import per_sample_moments
+from bnfold.engine.moments import first_sample_shift, per_sample_moments
 from bnfold.errors import plural
 
 
@@ -132,8 +132,18 @@ class SampleStream:
     def add(self, x: np.ndarray) -> None:
         """x: a batch (N, C, ...) of the BN input, any float dtype."""
         if self.shift is None:
-            self.shift = np.asarray(x[:1], np.float64).reshape(1, x.shape[1], -1).mean(axis=(0, 2))
-        a, b = per_sample_moments(x, self.shift)
+            self.shift = first_sample_shift(x)
+        self.add_moments(*per_sample_moments(x, self.shift), self.shift)
+
+    def add_moments(self, a: np.ndarray, b: np.ndarray, shift: np.ndarray) -> None:
+        """The next samples' per-sample moments a, b (N, C), float64, taken around `shift` K (C,)
+        (`moments.per_sample_moments`). The first call fixes the stream's K; later parts taken
+        around another K are moved to it (a → a + d, b → b + 2d·a + d², d = K_part − K)."""
+        if self.shift is None:
+            self.shift = np.asarray(shift, np.float64)
+        d = np.asarray(shift, np.float64) - self.shift
+        if d.any():
+            a, b = a + d, b + 2 * d * a + d * d
         start = 0
         while start < len(a):
             filled = self.count % self.chunk_size

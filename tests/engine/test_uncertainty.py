@@ -178,3 +178,19 @@ def test_recalibrate_stderr_does_not_depend_on_batching():
         assert other.samples_recommended == reports[0].samples_recommended
         split, first = other.extra["uncertainty"]["split_half"], reports[0].extra["uncertainty"]["split_half"]
         assert split["samples"] == first["samples"] and split["max_abs_z"] == pytest.approx(first["max_abs_z"], rel=1e-9)
+
+
+def test_stream_fed_per_sample_moments_equals_stream_fed_tensors():
+    """`add_moments` (the runner's path: one read of the tensor, one shift for all batches) gives what
+    `add` gives on the raw batches; parts taken around another shift are moved to the stream's."""
+    x = _data(70, offset=20.0, seed=6)
+    want = _stream(x, [70])
+    shift = moments.first_sample_shift(x)
+    fed = SampleStream()
+    for lo, hi in ((0, 9), (9, 40), (40, 70)):
+        part_shift = shift if lo < 40 else shift + 3.0  # the last part around another K
+        fed.add_moments(*per_sample_moments(x[lo:hi], part_shift), part_shift)
+    assert fed.count == 70 and np.array_equal(fed.shift, want.shift)
+    for got, ref in [(fed.total(), want.total()), *zip(fed.halves(), want.halves())]:
+        np.testing.assert_allclose(got.mean, ref.mean, rtol=1e-12, atol=1e-9)
+        np.testing.assert_allclose(got.comoment, ref.comoment, rtol=1e-9)
