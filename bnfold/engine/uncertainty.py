@@ -147,17 +147,18 @@ class SampleStream:
         start = 0
         while start < len(a):
             filled = self.count % self.chunk_size
-            stop = start + self.chunk_size - filled
-            part = SampleMoments.of(a[start:stop], b[start:stop], self.shift)
-            if filled:
+            if filled:  # top up the last chunk
+                stop = start + self.chunk_size - filled
+                part = SampleMoments.of(a[start:stop], b[start:stop], self.shift)
                 self.chunks[-1] = self.chunks[-1].merge(part)
-            else:
-                self.chunks.append(part)
-            self.count += part.count
-            start = stop
+                taken = part.count
+            else:  # new chunks, up to the first one past MAX_CHUNKS, in one vectorised step
+                taken = min(len(a) - start, (self.MAX_CHUNKS + 1 - len(self.chunks)) * self.chunk_size)
+                self.chunks += _chunks(a[start : start + taken], b[start : start + taken], self.shift, self.chunk_size)
+            self.count += taken
+            start += taken
             if len(self.chunks) > self.MAX_CHUNKS:
-                pairs = zip(self.chunks[0::2], self.chunks[1::2] + [None])
-                self.chunks = [first if second is None else first.merge(second) for first, second in pairs]
+                self.chunks = _merge_pairs(self.chunks)
                 self.chunk_size *= 2
 
     def total(self) -> SampleMoments:
@@ -167,6 +168,41 @@ class SampleStream:
         """Moments of the first and the second half of the samples (split at a chunk boundary)."""
         cut = round(self.count / 2 / self.chunk_size)
         return _merge_all(self.chunks[:cut], self.shift), _merge_all(self.chunks[cut:], self.shift)
+
+
+def _chunks(a: np.ndarray, b: np.ndarray, shift: np.ndarray, size: int) -> list[SampleMoments]:
+    """`SampleMoments.of` of consecutive groups of `size` samples of a, b (N, C) (the last may be
+    shorter). Why vectorised: one call per chunk costs ~30 µs of Python, which on a small model
+    (mobilenet_v2 at 64×64, 52 BNs) was several times the memory pass itself."""
+    full = len(a) // size
+    chunks = []
+    if full:
+        ab = np.stack([a[: full * size], b[: full * size]], axis=1).reshape(full, size, 2, a.shape[1])
+        mean = ab.mean(axis=1)  # (full, 2, C)
+        d = ab - mean[:, None]
+        da, db = d[:, :, 0], d[:, :, 1]
+        comoment = np.stack([(da * da).sum(axis=1), (da * db).sum(axis=1), (db * db).sum(axis=1)], axis=1)
+        chunks = [SampleMoments(size, shift, mean[i], comoment[i]) for i in range(full)]
+    if full * size < len(a):
+        chunks.append(SampleMoments.of(a[full * size :], b[full * size :], shift))
+    return chunks
+
+
+def _merge_pairs(chunks: list[SampleMoments]) -> list[SampleMoments]:
+    """Chunks 0+1, 2+3, … (a last odd one stays), all around the same shift: `SampleMoments.merge`
+    on every pair at once."""
+    pairs = len(chunks) // 2
+    first, second = chunks[0 : 2 * pairs : 2], chunks[1 : 2 * pairs : 2]
+    n1 = np.array([c.count for c in first], np.float64)[:, None, None]
+    n2 = np.array([c.count for c in second], np.float64)[:, None, None]
+    mean1, mean2 = np.stack([c.mean for c in first]), np.stack([c.mean for c in second])
+    delta = mean2 - mean1
+    mean = mean1 + delta * (n2 / (n1 + n2))
+    outer = np.stack([delta[:, 0] * delta[:, 0], delta[:, 0] * delta[:, 1], delta[:, 1] * delta[:, 1]], axis=1)
+    comoment = np.stack([c.comoment for c in first]) + np.stack([c.comoment for c in second]) + outer * (n1 * n2 / (n1 + n2))
+    shift = chunks[0].shift
+    merged = [SampleMoments(f.count + g.count, shift, mean[i], comoment[i]) for i, (f, g) in enumerate(zip(first, second))]
+    return merged + chunks[2 * pairs :]
 
 
 def _merge_all(parts: list[SampleMoments], shift) -> SampleMoments:

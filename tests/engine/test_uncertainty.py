@@ -194,3 +194,17 @@ def test_stream_fed_per_sample_moments_equals_stream_fed_tensors():
     for got, ref in [(fed.total(), want.total()), *zip(fed.halves(), want.halves())]:
         np.testing.assert_allclose(got.mean, ref.mean, rtol=1e-12, atol=1e-9)
         np.testing.assert_allclose(got.comoment, ref.comoment, rtol=1e-9)
+
+
+@pytest.mark.parametrize("sizes", [[64, 64, 22], [1] * 150, [150]], ids=["sixty-fours", "ones", "whole"])
+def test_halves_after_chunk_doubling_match_numpy(sizes):
+    """Past 64 chunks the stream merges neighbours (vectorised); each half still has the NumPy
+    standard errors and statistics of exactly its own samples."""
+    x = _data(150, offset=5.0, seed=7)
+    first, second = _stream(x, sizes).halves()
+    for got, part in ((first, x[:76]), (second, x[76:])):
+        assert got.count == len(part)
+        for g, w in zip(got.stderr(), _numpy_stderr(part)):
+            np.testing.assert_allclose(g, w, rtol=1e-9)
+        np.testing.assert_allclose(got.mean_value, Moments.of(part).mean, rtol=1e-12)
+        np.testing.assert_allclose(got.var_value, Moments.of(part).var, rtol=1e-9)
