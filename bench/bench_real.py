@@ -286,12 +286,13 @@ def _table(rows, methods) -> None:
         print("| " + " | ".join(cells) + " |")
     print("\nbnfold's report.timings, as shares of its wall time (median-time repeat):")
     for row in rows:
-        t = row.get("bnfold", {}).get("timings")
-        if t:
-            total = t["total"]
-            parts = ", ".join(f"{k} {v / total:.0%}" for k, v in t.items() if k != "total")
-            print(f"  {row['case']}: total {total:.1f} s = {parts}; store {row['bnfold'].get('store')}, "
-                  f"budget {row['bnfold'].get('memory_budget')}")
+        for m in [m for m in methods if m.startswith("bnfold")]:
+            t = row.get(m, {}).get("timings")
+            if t:
+                total = t["total"]
+                parts = ", ".join(f"{k} {v / total:.0%}" for k, v in t.items() if k != "total")
+                print(f"  {row['case']} ({m}): total {total:.1f} s = {parts}; statistics {t['statistics']:.2f} s; "
+                      f"store {row[m].get('store')}, budget {row[m].get('memory_budget')}")
 
 
 def main(argv=None) -> int:
