@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -73,7 +72,7 @@ def worker(model_path: str, samples_path: str) -> dict:
         c0 = _cpu()
         _StageRunner._measure(runner, tensors)
         stats_cpu += _cpu() - c0
-    return {"ort_cpu": ort_cpu, "stats_cpu": stats_cpu}
+    return {"ort_cpu": ort_cpu, "stats_cpu": stats_cpu, "bnfold": str(Path(sys.modules["bnfold"].__file__).parent)}
 
 
 def main(argv=None) -> int:
@@ -83,8 +82,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--workdir", default="bench/out")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--base-first", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
+        if args.base_first:  # `-m` puts the cwd (this tree) first on sys.path, ahead of PYTHONPATH
+            sys.path.insert(0, args.base)
         print(json.dumps(worker(*args.worker)))
         return 0
     from bench.bench_real import _case, _files
@@ -97,11 +99,10 @@ def main(argv=None) -> int:
         ratios: dict[str, list[float]] = {"new": [], "base": []}
         for _ in range(args.repeats):
             for impl in ("new", "base"):
-                env = dict(os.environ)
-                path = [args.base] if impl == "base" else []
-                env["PYTHONPATH"] = os.pathsep.join([*path, str(ROOT), env.get("PYTHONPATH", "")])
-                cmd = [sys.executable, "-m", "bench.bench_stats_pass", "--base", args.base, "--worker", model, samples]
-                out = json.loads(subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout)
+                cmd = [sys.executable, "-m", "bench.bench_stats_pass", "--base", args.base, "--worker", model, samples,
+                       *(["--base-first"] if impl == "base" else [])]  # fmt: skip
+                out = json.loads(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout)
+                assert out["bnfold"] == (str(Path(args.base, "bnfold")) if impl == "base" else str(ROOT / "bnfold"))
                 ratios[impl].append(out["stats_cpu"] / out["ort_cpu"])
                 print(f"  {spec} {impl}: statistics {out['stats_cpu']:.2f} s CPU, plain pass {out['ort_cpu']:.2f} s CPU",
                       file=sys.stderr, flush=True)
