@@ -238,7 +238,9 @@ class _StageRunner:
         for x, value in tensors:
             shift = self.shifts.get(x)
             if shift is None:
-                shift = self.shifts[x] = first_sample_shift(value)
+                shift = first_sample_shift(value)
+                if len(value):  # fixed by the first batch with samples
+                    self.shifts[x] = shift
             s1, s2, length = shifted_sample_sums(value, shift)
             self.between.setdefault(x, SampleStream()).add_moments(s1 / max(length, 1), s2 / max(length, 1), shift)
             measured.append((x, Moments.from_sums(len(value) * length, shift, s1.sum(axis=0), s2.sum(axis=0))))

@@ -131,14 +131,15 @@ class SampleStream:
 
     def add(self, x: np.ndarray) -> None:
         """x: a batch (N, C, ...) of the BN input, any float dtype."""
-        if self.shift is None:
-            self.shift = first_sample_shift(x)
-        self.add_moments(*per_sample_moments(x, self.shift), self.shift)
+        shift = first_sample_shift(x) if self.shift is None else self.shift
+        self.add_moments(*per_sample_moments(x, shift), shift)
 
     def add_moments(self, a: np.ndarray, b: np.ndarray, shift: np.ndarray) -> None:
         """The next samples' per-sample moments a, b (N, C), float64, taken around `shift` K (C,)
         (`moments.per_sample_moments`). The first call fixes the stream's K; later parts taken
         around another K are moved to it (a → a + d, b → b + 2d·a + d², d = K_part − K)."""
+        if len(a) == 0:  # an empty batch must not fix K
+            return
         if self.shift is None:
             self.shift = np.asarray(shift, np.float64)
         d = np.asarray(shift, np.float64) - self.shift

@@ -208,3 +208,10 @@ def test_halves_after_chunk_doubling_match_numpy(sizes):
             np.testing.assert_allclose(g, w, rtol=1e-9)
         np.testing.assert_allclose(got.mean_value, Moments.of(part).mean, rtol=1e-12)
         np.testing.assert_allclose(got.var_value, Moments.of(part).var, rtol=1e-9)
+
+
+def test_an_empty_first_batch_does_not_fix_the_shift():
+    x = _data(20, offset=1e3, seed=8)
+    stream = _stream(x, [0, 20])
+    np.testing.assert_allclose(stream.shift, moments.first_sample_shift(x))
+    assert stream.count == 20
