@@ -109,10 +109,10 @@ def _shifted_sums_numpy(rows: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray
 def first_sample_shift(x: np.ndarray) -> np.ndarray:
     """K: the first sample's per-channel mean of x (N, C, ...), float64 (C,) (zeros if x is empty)."""
     n, channels = x.shape[:2]
-    first = np.asarray(x[:1]).reshape(min(n, 1), channels, -1) if n else np.zeros((0, channels, 0))
-    if first.size == 0:
+    length = int(np.prod(x.shape[2:], dtype=np.int64))
+    if n == 0 or length == 0:
         return np.zeros(channels)
-    return first[0].mean(axis=1, dtype=np.float64)
+    return np.asarray(x[0]).reshape(channels, length).mean(axis=1, dtype=np.float64)
 
 
 @dataclasses.dataclass

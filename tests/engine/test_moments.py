@@ -270,3 +270,10 @@ def test_pooled_moments_from_per_sample_sums_with_a_fixed_shift(offset):
     np.testing.assert_allclose(acc.mean, mean, rtol=1e-12, atol=1e-12)
     assert _rel(acc.var, var) <= 1e-9
     assert _rel(Moments.of(x, shift=shift).var, var) <= 1e-9
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 3, 0), (2, 0, 5), (4, 3)])
+def test_first_sample_shift_of_empty_and_flat_tensors(shape):
+    x = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    want = x[0].reshape(shape[1], -1).mean(axis=1) if x.size else np.zeros(shape[1])
+    np.testing.assert_array_equal(stats.first_sample_shift(x), want)
