@@ -125,7 +125,7 @@ class SampleStream:
 
     def __init__(self) -> None:
         self.shift: np.ndarray | None = None
-        self.chunks: list[SampleMoments] = []
+        self.chunks: _Chunks | None = None
         self.chunk_size = 1
         self.count = 0
 
@@ -145,65 +145,99 @@ class SampleStream:
         d = np.asarray(shift, np.float64) - self.shift
         if d.any():
             a, b = a + d, b + 2 * d * a + d * d
+        if self.chunks is None:
+            self.chunks = _Chunks(len(self.shift))
         start = 0
         while start < len(a):
             filled = self.count % self.chunk_size
             if filled:  # top up the last chunk
-                stop = start + self.chunk_size - filled
-                part = SampleMoments.of(a[start:stop], b[start:stop], self.shift)
-                self.chunks[-1] = self.chunks[-1].merge(part)
-                taken = part.count
+                taken = min(len(a) - start, self.chunk_size - filled)
+                self.chunks.top_up(a[start : start + taken], b[start : start + taken])
             else:  # new chunks, up to the first one past MAX_CHUNKS, in one vectorised step
                 taken = min(len(a) - start, (self.MAX_CHUNKS + 1 - len(self.chunks)) * self.chunk_size)
-                self.chunks += _chunks(a[start : start + taken], b[start : start + taken], self.shift, self.chunk_size)
+                self.chunks.append(a[start : start + taken], b[start : start + taken], self.chunk_size)
             self.count += taken
             start += taken
             if len(self.chunks) > self.MAX_CHUNKS:
-                self.chunks = _merge_pairs(self.chunks)
+                self.chunks.merge_pairs()
                 self.chunk_size *= 2
 
     def total(self) -> SampleMoments:
-        return _merge_all(self.chunks, self.shift)
+        return _merge_all(self._parts(), self.shift)
 
     def halves(self) -> tuple[SampleMoments, SampleMoments]:
         """Moments of the first and the second half of the samples (split at a chunk boundary)."""
         cut = round(self.count / 2 / self.chunk_size)
-        return _merge_all(self.chunks[:cut], self.shift), _merge_all(self.chunks[cut:], self.shift)
+        parts = self._parts()
+        return _merge_all(parts[:cut], self.shift), _merge_all(parts[cut:], self.shift)
+
+    def _parts(self) -> list[SampleMoments]:
+        if self.chunks is None:
+            return []
+        c = self.chunks
+        return [SampleMoments(int(c.count[i]), self.shift, c.mean[i], c.comoment[i]) for i in range(len(c))]
 
 
-def _chunks(a: np.ndarray, b: np.ndarray, shift: np.ndarray, size: int) -> list[SampleMoments]:
-    """`SampleMoments.of` of consecutive groups of `size` samples of a, b (N, C) (the last may be
-    shorter). Why vectorised: one call per chunk costs ~30 µs of Python, which on a small model
-    (mobilenet_v2 at 64×64, 52 BNs) was several times the memory pass itself."""
-    full = len(a) // size
-    chunks = []
-    if full:
-        ab = np.stack([a[: full * size], b[: full * size]], axis=1).reshape(full, size, 2, a.shape[1])
-        mean = ab.mean(axis=1)  # (full, 2, C)
-        d = ab - mean[:, None]
-        da, db = d[:, :, 0], d[:, :, 1]
-        comoment = np.stack([(da * da).sum(axis=1), (da * db).sum(axis=1), (db * db).sum(axis=1)], axis=1)
-        chunks = [SampleMoments(size, shift, mean[i], comoment[i]) for i in range(full)]
-    if full * size < len(a):
-        chunks.append(SampleMoments.of(a[full * size :], b[full * size :], shift))
-    return chunks
+class _Chunks:
+    """The chunks of a `SampleStream` as arrays — count (m,), mean (m, 2, C), comoment (m, 3, C),
+    all around the stream's K. Why arrays, not a list of `SampleMoments`: one Python object per
+    chunk (~30 µs each) was several times the memory pass itself on a small model (mobilenet_v2 at
+    64×64, 52 BNs); here a batch costs a few vectorised operations."""
+
+    def __init__(self, channels: int) -> None:
+        self.count = np.zeros(0)
+        self.mean = np.zeros((0, 2, channels))
+        self.comoment = np.zeros((0, 3, channels))
+
+    def __len__(self) -> int:
+        return len(self.count)
+
+    def append(self, a: np.ndarray, b: np.ndarray, size: int) -> None:
+        """New chunks of `size` consecutive samples of a, b (N, C) (the last may be shorter)."""
+        full = len(a) // size
+        counts, means, comoments = [self.count], [self.mean], [self.comoment]
+        if full:
+            n, m, c = _group(np.stack([a[: full * size], b[: full * size]], axis=1).reshape(full, size, 2, a.shape[1]))
+            counts.append(n), means.append(m), comoments.append(c)
+        if full * size < len(a):
+            n, m, c = _group(np.stack([a[full * size :], b[full * size :]], axis=1)[None])
+            counts.append(n), means.append(m), comoments.append(c)
+        self.count, self.mean, self.comoment = np.concatenate(counts), np.concatenate(means), np.concatenate(comoments)
+
+    def top_up(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Add the samples a, b (N, C) to the last chunk."""
+        n, m, c = _group(np.stack([a, b], axis=1)[None])
+        last = slice(len(self) - 1, None)
+        self.count[last], self.mean[last], self.comoment[last] = _chan(
+            self.count[last], self.mean[last], self.comoment[last], n, m, c
+        )
+
+    def merge_pairs(self) -> None:
+        """Chunks 0+1, 2+3, … (a last odd one stays as it is)."""
+        even = 2 * (len(self) // 2)
+        merged = _chan(*(v[0:even:2] for v in (self.count, self.mean, self.comoment)),
+                       *(v[1:even:2] for v in (self.count, self.mean, self.comoment)))  # fmt: skip
+        rest = (self.count[even:], self.mean[even:], self.comoment[even:])
+        self.count, self.mean, self.comoment = (np.concatenate([m, r]) for m, r in zip(merged, rest))
 
 
-def _merge_pairs(chunks: list[SampleMoments]) -> list[SampleMoments]:
-    """Chunks 0+1, 2+3, … (a last odd one stays), all around the same shift: `SampleMoments.merge`
-    on every pair at once."""
-    pairs = len(chunks) // 2
-    first, second = chunks[0 : 2 * pairs : 2], chunks[1 : 2 * pairs : 2]
-    n1 = np.array([c.count for c in first], np.float64)[:, None, None]
-    n2 = np.array([c.count for c in second], np.float64)[:, None, None]
-    mean1, mean2 = np.stack([c.mean for c in first]), np.stack([c.mean for c in second])
+def _group(ab: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Count (k,), mean (k, 2, C) and co-moments (k, 3, C) of k groups of per-sample (a, b), ab (k, n, 2, C)."""
+    mean = ab.mean(axis=1)
+    d = ab - mean[:, None]
+    da, db = d[:, :, 0], d[:, :, 1]
+    comoment = np.stack([(da * da).sum(axis=1), (da * db).sum(axis=1), (db * db).sum(axis=1)], axis=1)
+    return np.full(len(ab), float(ab.shape[1])), mean, comoment
+
+
+def _chan(n1, mean1, com1, n2, mean2, com2):
+    """`SampleMoments.merge` on stacks of chunk pairs (counts (k,), means (k, 2, C), co-moments (k, 3, C))."""
+    n = n1 + n2
+    w1, w2 = n1[:, None, None], n2[:, None, None]
     delta = mean2 - mean1
-    mean = mean1 + delta * (n2 / (n1 + n2))
+    mean = mean1 + delta * (w2 / (w1 + w2))
     outer = np.stack([delta[:, 0] * delta[:, 0], delta[:, 0] * delta[:, 1], delta[:, 1] * delta[:, 1]], axis=1)
-    comoment = np.stack([c.comoment for c in first]) + np.stack([c.comoment for c in second]) + outer * (n1 * n2 / (n1 + n2))
-    shift = chunks[0].shift
-    merged = [SampleMoments(f.count + g.count, shift, mean[i], comoment[i]) for i, (f, g) in enumerate(zip(first, second))]
-    return merged + chunks[2 * pairs :]
+    return n, mean, com1 + com2 + outer * (w1 * w2 / (w1 + w2))
 
 
 def _merge_all(parts: list[SampleMoments], shift) -> SampleMoments:
