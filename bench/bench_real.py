@@ -133,6 +133,7 @@ def worker(args) -> None:
         import bnfold.pipeline  # noqa: F401
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.onnx")
+        info["bnfold"] = str(Path(sys.modules["bnfold"].__file__).parent) if "bnfold" in sys.modules else None
         cpu0, t0 = _cpu(), time.perf_counter()
         if args.worker == "pass":
             _job_pass(args.model, args.samples_file, out, info)
@@ -206,9 +207,9 @@ def _run(method, arch, model, samples, tmp, keep=None, base=None) -> dict:
     worker = "bnfold" if method == "bnfold_base" else method
     cmd = [sys.executable, "-m", "bench.bench_real", "--worker", worker, "--arch", arch, "--model", model,
            "--samples-file", samples, "--result", result, *(["--keep", keep] if keep else [])]  # fmt: skip
+    if method == "bnfold_base":  # that bnfold first on sys.path (see main); bench/ still from this tree (cwd)
+        cmd += ["--base", base]
     env = dict(os.environ)
-    if method == "bnfold_base":  # that bnfold first on the path; bench/ still from this tree (cwd)
-        env["PYTHONPATH"] = os.pathsep.join([base, str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
     if proc.returncode or not os.path.exists(result):
         return {"method": method, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
@@ -286,12 +287,13 @@ def _table(rows, methods) -> None:
         print("| " + " | ".join(cells) + " |")
     print("\nbnfold's report.timings, as shares of its wall time (median-time repeat):")
     for row in rows:
-        t = row.get("bnfold", {}).get("timings")
-        if t:
-            total = t["total"]
-            parts = ", ".join(f"{k} {v / total:.0%}" for k, v in t.items() if k != "total")
-            print(f"  {row['case']}: total {total:.1f} s = {parts}; store {row['bnfold'].get('store')}, "
-                  f"budget {row['bnfold'].get('memory_budget')}")
+        for m in [m for m in methods if m.startswith("bnfold")]:
+            t = row.get(m, {}).get("timings")
+            if t:
+                total = t["total"]
+                parts = ", ".join(f"{k} {v / total:.0%}" for k, v in t.items() if k != "total")
+                print(f"  {row['case']} ({m}): total {total:.1f} s = {parts}; statistics {t['statistics']:.2f} s; "
+                      f"store {row[m].get('store')}, budget {row[m].get('memory_budget')}")
 
 
 def main(argv=None) -> int:
@@ -310,6 +312,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
+        if args.base:  # bnfold_base: `-m` puts the cwd (this tree) first on sys.path, ahead of PYTHONPATH
+            sys.path.insert(0, args.base)
         worker(args)
         return 0
     return driver(args)

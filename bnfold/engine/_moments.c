@@ -1,15 +1,19 @@
-/* Per-channel shifted sums of a float32 tensor, accumulated in float64, in one pass.
+/* Per-(sample, channel) shifted sums of a float32 tensor, accumulated in float64, in one pass.
  *
  * Why C: NumPy needs a float64 temporary (a cast pass) and then one reduction pass per sum,
  * ~2-3 ns per element; ResNet-18 BN inputs are ~0.8 M elements per sample, which made the
  * statistics cost ~0.4x of an inference pass. This loop converts, centres and accumulates in
  * registers (float32 -> float64 conversion and squares are exact; sums are float64), so it runs
- * at memory speed. bnfold/stats.py falls back to NumPy when the extension is not built.
+ * at memory speed. bnfold/engine/moments.py falls back to NumPy when the extension is not built.
  *
- * shifted_sums_f32(x, shift, s1, s2, n, c, l):
+ * Why per sample: the pooled per-channel moments (sums over samples) and the between-sample
+ * standard errors (engine/uncertainty.py, which needs each sample's sums) come out of the same
+ * single read of the tensor.
+ *
+ * sample_sums_f32(x, shift, s1, s2, n, c, l):
  *   x      C-contiguous float32 buffer of shape (n, c, l)
- *   shift  float64 buffer (c,)      K, subtracted before summing
- *   s1, s2 writable float64 (c,)    s1[ch] += sum (x - K[ch]),  s2[ch] += sum (x - K[ch])^2
+ *   shift  float64 buffer (c,)        K, subtracted before summing
+ *   s1, s2 writable float64 (n, c)    s1[i, ch] = sum_j (x[i, ch, j] - K[ch]),  s2[i, ch] = sum_j (...)^2
  * The GIL is released, so several threads can work on different sample ranges.
  */
 #define PY_SSIZE_T_CLEAN
@@ -36,7 +40,7 @@ static void row_sums(const float *row, Py_ssize_t l, double k, double *sum, doub
     *sumsq += (q0 + q1) + (q2 + q3);
 }
 
-static PyObject *shifted_sums_f32(PyObject *self, PyObject *args)
+static PyObject *sample_sums_f32(PyObject *self, PyObject *args)
 {
     Py_buffer xb, kb, s1b, s2b;
     Py_ssize_t n, c, l;
@@ -44,8 +48,9 @@ static PyObject *shifted_sums_f32(PyObject *self, PyObject *args)
         return NULL;
     PyObject *result = NULL;
     if (n < 0 || c < 0 || l < 0 || xb.len != (Py_ssize_t)sizeof(float) * n * c * l ||
-        kb.len != (Py_ssize_t)sizeof(double) * c || s1b.len != kb.len || s2b.len != kb.len) {
-        PyErr_SetString(PyExc_ValueError, "shifted_sums_f32: buffer sizes do not match (n, c, l)");
+        kb.len != (Py_ssize_t)sizeof(double) * c || s1b.len != (Py_ssize_t)sizeof(double) * n * c ||
+        s2b.len != s1b.len) {
+        PyErr_SetString(PyExc_ValueError, "sample_sums_f32: buffer sizes do not match (n, c, l)");
         goto done;
     }
     const float *x = (const float *)xb.buf;
@@ -53,8 +58,12 @@ static PyObject *shifted_sums_f32(PyObject *self, PyObject *args)
     double *s1 = (double *)s1b.buf, *s2 = (double *)s2b.buf;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++)
-        for (Py_ssize_t ch = 0; ch < c; ch++)
-            row_sums(x + (i * c + ch) * l, l, k[ch], &s1[ch], &s2[ch]);
+        for (Py_ssize_t ch = 0; ch < c; ch++) {
+            Py_ssize_t r = i * c + ch;
+            s1[r] = 0;
+            s2[r] = 0;
+            row_sums(x + r * l, l, k[ch], &s1[r], &s2[r]);
+        }
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
@@ -67,8 +76,8 @@ done:
 }
 
 static PyMethodDef methods[] = {
-    {"shifted_sums_f32", shifted_sums_f32, METH_VARARGS,
-     "shifted_sums_f32(x, shift, s1, s2, n, c, l): s1 += sum(x-K), s2 += sum((x-K)^2) per channel, in float64."},
+    {"sample_sums_f32", sample_sums_f32, METH_VARARGS,
+     "sample_sums_f32(x, shift, s1, s2, n, c, l): s1[i,c] = sum(x[i,c]-K[c]), s2[i,c] = sum((x[i,c]-K[c])^2), float64."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -6,10 +6,16 @@ x[n, c, …] (batch and all spatial axes; just the batch for BN1d on (N, C)). ``
 — the eval-mode BN variance. Bessel's correction is deliberately not applied: with count = N·H·W it
 would change nothing that matters, and the exact fixed point is defined by the biased moment.
 
-Within a batch, sums are taken in float64 around a per-channel shift K (the first sample's channel
-mean), so the float64 cancellation error of M2 = Σ(x−K)² − (Σ(x−K))²/n is ~1e-16·((μ−K)/σ)², i.e.
-negligible even when |μ| ≫ σ. Batches are combined with Chan et al.'s pairwise update, so any split
-of the samples into batches gives the same result up to float64 rounding.
+Within a batch, sums are taken in float64 around a per-channel shift K (a sample's channel mean:
+the batch's first sample in `Moments.of`; the recalibration runner picks it once per BN input, from
+the first batch), so the float64 cancellation error of M2 = Σ(x−K)² − (Σ(x−K))²/n is
+~1e-16·((μ−K)/σ)², i.e. negligible even when |μ| ≫ σ. Batches are combined with Chan et al.'s
+pairwise update, so any split of the samples into batches gives the same result up to float64
+rounding.
+
+The sums are taken per (sample, channel) in one read of the tensor (`shifted_sample_sums`): their
+sum over samples gives `Moments`, and the per-sample values feed the between-sample standard
+errors of `engine.uncertainty` — one memory pass for both.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ _PARALLEL_ELEMENTS = 1 << 20
 _THREADS = min(4, os.cpu_count() or 1)
 _executor: ThreadPoolExecutor | None = None
 
-try:  # the optional C kernel (bnfold/_moments.c): same sums in one pass, ~5x faster
+try:  # the optional C kernel (engine/_moments.c): same sums in one pass, ~5x faster
     from bnfold.engine import _moments as _kernel
 except ImportError:  # not built (no C compiler at install): the NumPy path gives the same result
     _kernel = None
@@ -41,29 +47,72 @@ def _pool() -> ThreadPoolExecutor:
     return _executor
 
 
-def _shifted_sums(rows: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel Σ(x−K) and Σ(x−K)² in float64 over rows (n, C, L); K = shift (1, C, 1)."""
-    if _kernel is not None and rows.dtype == np.float32 and rows.flags.c_contiguous:
-        n, channels, length = rows.shape
-        s1, s2 = np.zeros(channels), np.zeros(channels)
-        _kernel.shifted_sums_f32(rows, np.ascontiguousarray(shift.ravel()), s1, s2, n, channels, length)
-        return s1, s2
-    return _shifted_sums_numpy(rows, shift)
+def shifted_sample_sums(x: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-sample, per-channel Σ(x−K) and Σ(x−K)² over the L positions of each sample, in float64.
+
+    x: (N, C, ...) any float dtype; shift K: float64 (C,). Returns (S1, S2, L) with S1, S2 float64
+    (N, C). One read of x serves both the pooled `Moments` (sums of S1, S2 over the samples) and
+    the between-sample standard errors (`engine.uncertainty`, from S1/L, S2/L)."""
+    if x.ndim < 2:
+        raise ValueError(f"expected a tensor of shape (N, C, ...), got shape {x.shape}")
+    n, channels = x.shape[:2]
+    rows = np.ascontiguousarray(x).reshape(n, channels, int(np.prod(x.shape[2:], dtype=np.int64)))  # (N, C, L)
+    k = np.ascontiguousarray(np.asarray(shift, np.float64).reshape(channels))
+    s1, s2 = np.empty((n, channels)), np.empty((n, channels))
+    # Large tensors are split by samples over a few threads (the C kernel and NumPy's loops release
+    # the GIL); each thread writes its own rows of S1, S2, so thread timing cannot change the result.
+    parts = min(_THREADS, max(1, rows.size // _PARALLEL_ELEMENTS), max(n, 1))
+    bounds = np.linspace(0, n, parts + 1).astype(int)
+    if parts > 1:
+        list(_pool().map(_sums_into, [rows] * parts, [k] * parts, [s1] * parts, [s2] * parts, bounds[:-1], bounds[1:]))
+    else:
+        _sums_into(rows, k, s1, s2, 0, n)
+    return s1, s2, rows.shape[2]
 
 
-def _shifted_sums_numpy(rows: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """NumPy version of `_shifted_sums` (any dtype; the reference the C kernel is tested against)."""
+def _sums_into(rows: np.ndarray, k: np.ndarray, s1: np.ndarray, s2: np.ndarray, lo: int, hi: int) -> None:
+    """S1[lo:hi], S2[lo:hi] of `shifted_sample_sums` for the rows (N, C, L) of samples lo..hi−1."""
+    part = rows[lo:hi]
+    if _kernel is not None and part.dtype == np.float32 and hi > lo:
+        _kernel.sample_sums_f32(part, k, s1[lo:hi], s2[lo:hi], *part.shape)
+    else:
+        s1[lo:hi], s2[lo:hi] = _sample_sums_numpy(part, k)
+
+
+def _sample_sums_numpy(rows: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy version of the kernel (any dtype; the reference the C kernel is tested against):
+    float64 (n, C) sums, converted a block of samples at a time to bound the float64 temporary."""
     n, channels, length = rows.shape
-    s1 = np.zeros(channels)
-    s2 = np.zeros(channels)
+    s1, s2 = np.empty((n, channels)), np.empty((n, channels))
     step = max(1, _BLOCK_ELEMENTS // max(1, channels * length))
     block = np.empty((min(step, n), channels, length))
     for start in range(0, n, step):
         part = block[: min(step, n - start)]
-        np.subtract(rows[start : start + step], shift, out=part)  # cast + centre in one pass
-        s1 += np.einsum("ncl->c", part)
-        s2 += np.einsum("ncl,ncl->c", part, part)
+        np.subtract(rows[start : start + step], k[None, :, None], out=part)  # cast + centre in one pass
+        s1[start : start + step] = np.einsum("ncl->nc", part)
+        s2[start : start + step] = np.einsum("ncl,ncl->nc", part, part)
     return s1, s2
+
+
+def _shifted_sums(rows: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel Σ(x−K) and Σ(x−K)² in float64 over rows (n, C, L); K = shift (1, C, 1)."""
+    s1, s2, _ = shifted_sample_sums(rows, shift)
+    return s1.sum(axis=0), s2.sum(axis=0)
+
+
+def _shifted_sums_numpy(rows: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy version of `_shifted_sums` (the reference the C kernel is tested against)."""
+    s1, s2 = _sample_sums_numpy(rows, np.asarray(shift, np.float64).reshape(rows.shape[1]))
+    return s1.sum(axis=0), s2.sum(axis=0)
+
+
+def first_sample_shift(x: np.ndarray) -> np.ndarray:
+    """K: the first sample's per-channel mean of x (N, C, ...), float64 (C,) (zeros if x is empty)."""
+    n, channels = x.shape[:2]
+    length = int(np.prod(x.shape[2:], dtype=np.int64))
+    if n == 0 or length == 0:
+        return np.zeros(channels)
+    return np.asarray(x[0]).reshape(channels, length).mean(axis=1, dtype=np.float64)
 
 
 @dataclasses.dataclass
@@ -96,28 +145,26 @@ class Moments:
         return Moments(n, mean, m2)
 
     @classmethod
-    def of(cls, x: np.ndarray) -> Moments:
-        """Moments of x (N, C, ...) over every axis but 1, in float64 whatever x's dtype."""
+    def from_sums(cls, count: int, shift: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> Moments:
+        """From count elements per channel and their float64 (C,) sums Σ(x−K), Σ(x−K)² around K = shift."""
+        if count == 0:
+            return cls.empty(len(shift))
+        mean_shifted = s1 / count
+        m2 = np.maximum(s2 - s1 * mean_shifted, 0.0)
+        return cls(count, shift + mean_shifted, m2)
+
+    @classmethod
+    def of(cls, x: np.ndarray, shift: np.ndarray | None = None) -> Moments:
+        """Moments of x (N, C, ...) over every axis but 1, in float64 whatever x's dtype.
+
+        shift: K (C,), float64; default: the first sample's channel means (`first_sample_shift`)."""
         if x.ndim < 2:
             raise ValueError(f"expected a tensor of shape (N, C, ...), got shape {x.shape}")
-        n, channels = x.shape[:2]
-        rows = np.ascontiguousarray(x).reshape(n, channels, int(np.prod(x.shape[2:], dtype=np.int64)))  # (N, C, L)
-        per_channel = n * rows.shape[2]
-        if per_channel == 0:
-            return cls.empty(channels)
-        shift = rows[0].mean(axis=1, dtype=np.float64)[None, :, None]
-        # Large tensors are split by samples over a few threads (NumPy releases the GIL in these
-        # loops); the partial sums are added in a fixed order, so the result does not depend on
-        # thread timing.
-        parts = min(_THREADS, max(1, rows.size // _PARALLEL_ELEMENTS), n)
-        bounds = np.linspace(0, n, parts + 1).astype(int)
-        pieces = [rows[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
-        sums = list(_pool().map(_shifted_sums, pieces, [shift] * parts)) if parts > 1 else [_shifted_sums(rows, shift)]
-        s1 = sum(p[0] for p in sums)
-        s2 = sum(p[1] for p in sums)
-        mean_shifted = s1 / per_channel
-        m2 = np.maximum(s2 - s1 * mean_shifted, 0.0)
-        return cls(per_channel, shift[0, :, 0] + mean_shifted, m2)
+        if x.size == 0:
+            return cls.empty(x.shape[1])
+        shift = first_sample_shift(x) if shift is None else np.asarray(shift, np.float64)
+        s1, s2, length = shifted_sample_sums(x, shift)
+        return cls.from_sums(x.shape[0] * length, shift, s1.sum(axis=0), s2.sum(axis=0))
 
 
 def per_sample_moments(x: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -125,29 +172,6 @@ def per_sample_moments(x: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np
 
     x: (N, C, ...) any float dtype; shift K: float64 (C,). The between-sample spread of these is
     what `engine.uncertainty` turns into standard errors; the shift keeps the squares from
-    cancelling when |mean| ≫ std. Reuses the C kernel one sample at a time when it is built."""
-    if x.ndim < 2:
-        raise ValueError(f"expected a tensor of shape (N, C, ...), got shape {x.shape}")
-    n, channels = x.shape[:2]
-    rows = np.ascontiguousarray(x).reshape(n, channels, -1)  # (N, C, L)
-    length = max(rows.shape[2], 1)
-    k = np.asarray(shift, np.float64).reshape(1, channels, 1)
-    s1, s2 = np.empty((n, channels)), np.empty((n, channels))
-    per_sample = channels * rows.shape[2]
-    if _kernel is not None and per_sample >= _BLOCK_ELEMENTS // 16:  # big samples: one fast kernel call each
-
-        def sample_range(lo: int, hi: int) -> None:
-            for i in range(lo, hi):
-                s1[i], s2[i] = _shifted_sums(rows[i : i + 1], k)
-
-        # like Moments.of: large batches are split by samples over a few threads (the kernel releases the GIL)
-        parts = min(_THREADS, max(1, rows.size // _PARALLEL_ELEMENTS), n)
-        bounds = np.linspace(0, n, parts + 1).astype(int)
-        list(_pool().map(sample_range, bounds[:-1], bounds[1:]))
-        return s1 / length, s2 / length
-    step = max(1, _BLOCK_ELEMENTS // max(1, per_sample))  # small samples: vectorised over a block of them
-    for start in range(0, n, step):
-        part = np.subtract(rows[start : start + step], k, dtype=np.float64)
-        s1[start : start + step] = part.sum(axis=2)
-        s2[start : start + step] = np.einsum("ncl,ncl->nc", part, part)
-    return s1 / length, s2 / length
+    cancelling when |mean| ≫ std."""
+    s1, s2, length = shifted_sample_sums(x, shift)
+    return s1 / max(length, 1), s2 / max(length, 1)

@@ -29,7 +29,7 @@ import bnfold.onnx_graph as og
 from bnfold.engine import plan as g
 from bnfold.engine import prior as source_prior
 from bnfold.engine.memory import default_memory_budget
-from bnfold.engine.moments import Moments
+from bnfold.engine.moments import Moments, first_sample_shift, shifted_sample_sums
 from bnfold.engine.parameters import with_private_parameters
 from bnfold.engine.prior import check_prior, mix
 from bnfold.engine.store import TensorStore
@@ -152,6 +152,7 @@ class _StageRunner:
         self.progress = progress or (lambda description, fraction: None)
         self.moments: dict[str, Moments] = {}
         self.between: dict[str, SampleStream] = {}  # per-sample moments: standard errors, split-half
+        self.shifts: dict[str, np.ndarray] = {}  # tensor -> K (C,) of its float64 sums, fixed by the first batch
         self.overrides: dict[str, onnx.TensorProto] = {}  # BN mean/var tensors already measured
         self.stage_overrides: dict[str, onnx.TensorProto] = {}  # weights of BNs run as 1×1 convs
         self.replacements: dict[int, onnx.NodeProto] = {}
@@ -236,11 +237,21 @@ class _StageRunner:
         self.timings["store"] += time.perf_counter() - t2
 
     def _measure(self, tensors: list[tuple[str, np.ndarray]]) -> list[tuple[str, Moments]]:
-        """One batch's pooled moments and per-sample moments (`uncertainty.SampleStream`); batches
-        arrive in order, one at a time (the previous one is collected before the next is submitted)."""
+        """One batch's pooled moments and per-sample moments (`uncertainty.SampleStream`), both from
+        one read of each tensor (per-sample shifted sums, `moments.shifted_sample_sums`) around one
+        shift per BN input, taken from the first batch. Batches arrive in order, one at a time (the
+        previous one is collected before the next is submitted)."""
+        measured = []
         for x, value in tensors:
-            self.between.setdefault(x, SampleStream()).add(value)
-        return [(x, Moments.of(value)) for x, value in tensors]
+            shift = self.shifts.get(x)
+            if shift is None:
+                shift = first_sample_shift(value)
+                if len(value):  # fixed by the first batch with samples
+                    self.shifts[x] = shift
+            s1, s2, length = shifted_sample_sums(value, shift)
+            self.between.setdefault(x, SampleStream()).add_moments(s1 / max(length, 1), s2 / max(length, 1), shift)
+            measured.append((x, Moments.from_sums(len(value) * length, shift, s1.sum(axis=0), s2.sum(axis=0))))
+        return measured
 
     def _collect(self) -> None:
         if self.pending is not None:

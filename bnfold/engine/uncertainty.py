@@ -30,10 +30,10 @@ moved to ours (a → a + d, b → b + 2d·a + d², an affine map of means and co
 of the samples into batches therefore gives the same result up to float64 rounding. K keeps the
 squares from cancelling when |μ| ≫ σ (see `moments`).
 
-Cost: one more pass over each measured tensor (per-sample shifted sums; ~1.4× the total time of a
-recalibration on a 2-BN, 64×112×112 model on a busy 2-core machine). The pooled `moments.Moments`
-are the sum over samples of the same per-sample sums, so the two passes can become one — or both
-can come out of the ORT graph as per-sample ReduceSum / ReduceSumSquare over the spatial axes.
+Cost: none beyond the pooled statistics. The recalibration runner reads each measured tensor once
+(`moments.shifted_sample_sums`, per-sample shifted sums S1, S2 of shape (N, C)); the pooled
+`moments.Moments` are their sums over samples, and `SampleStream.add_moments` takes a = S1/L,
+b = S2/L around the same K (bench/RESULTS.md §5, "one pass for pooled and per-sample moments").
 
 Split-half agreement: `SampleStream` also keeps the moments of ≤ 64 consecutive chunks of the
 sample sequence, so the first and second half (split at the chunk boundary nearest n/2) can be
@@ -46,7 +46,7 @@ import dataclasses
 
 import numpy as np
 
-from bnfold.engine.moments import per_sample_moments
+from bnfold.engine.moments import first_sample_shift, per_sample_moments
 from bnfold.errors import plural
 
 
@@ -125,38 +125,119 @@ class SampleStream:
 
     def __init__(self) -> None:
         self.shift: np.ndarray | None = None
-        self.chunks: list[SampleMoments] = []
+        self.chunks: _Chunks | None = None
         self.chunk_size = 1
         self.count = 0
 
     def add(self, x: np.ndarray) -> None:
         """x: a batch (N, C, ...) of the BN input, any float dtype."""
+        shift = first_sample_shift(x) if self.shift is None else self.shift
+        self.add_moments(*per_sample_moments(x, shift), shift)
+
+    def add_moments(self, a: np.ndarray, b: np.ndarray, shift: np.ndarray) -> None:
+        """The next samples' per-sample moments a, b (N, C), float64, taken around `shift` K (C,)
+        (`moments.per_sample_moments`). The first call fixes the stream's K; later parts taken
+        around another K are moved to it (a → a + d, b → b + 2d·a + d², d = K_part − K)."""
+        if len(a) == 0:  # an empty batch must not fix K
+            return
         if self.shift is None:
-            self.shift = np.asarray(x[:1], np.float64).reshape(1, x.shape[1], -1).mean(axis=(0, 2))
-        a, b = per_sample_moments(x, self.shift)
+            self.shift = np.asarray(shift, np.float64)
+        d = np.asarray(shift, np.float64) - self.shift
+        if d.any():
+            a, b = a + d, b + 2 * d * a + d * d
+        if self.chunks is None:
+            self.chunks = _Chunks(len(self.shift))
         start = 0
         while start < len(a):
             filled = self.count % self.chunk_size
-            stop = start + self.chunk_size - filled
-            part = SampleMoments.of(a[start:stop], b[start:stop], self.shift)
-            if filled:
-                self.chunks[-1] = self.chunks[-1].merge(part)
-            else:
-                self.chunks.append(part)
-            self.count += part.count
-            start = stop
+            if filled:  # top up the last chunk
+                taken = min(len(a) - start, self.chunk_size - filled)
+                self.chunks.top_up(a[start : start + taken], b[start : start + taken])
+            else:  # new chunks, up to the first one past MAX_CHUNKS, in one vectorised step
+                taken = min(len(a) - start, (self.MAX_CHUNKS + 1 - len(self.chunks)) * self.chunk_size)
+                self.chunks.append(a[start : start + taken], b[start : start + taken], self.chunk_size)
+            self.count += taken
+            start += taken
             if len(self.chunks) > self.MAX_CHUNKS:
-                pairs = zip(self.chunks[0::2], self.chunks[1::2] + [None])
-                self.chunks = [first if second is None else first.merge(second) for first, second in pairs]
+                self.chunks.merge_pairs()
                 self.chunk_size *= 2
 
     def total(self) -> SampleMoments:
-        return _merge_all(self.chunks, self.shift)
+        return _merge_all(self._parts(), self.shift)
 
     def halves(self) -> tuple[SampleMoments, SampleMoments]:
         """Moments of the first and the second half of the samples (split at a chunk boundary)."""
         cut = round(self.count / 2 / self.chunk_size)
-        return _merge_all(self.chunks[:cut], self.shift), _merge_all(self.chunks[cut:], self.shift)
+        parts = self._parts()
+        return _merge_all(parts[:cut], self.shift), _merge_all(parts[cut:], self.shift)
+
+    def _parts(self) -> list[SampleMoments]:
+        if self.chunks is None:
+            return []
+        c = self.chunks
+        return [SampleMoments(int(c.count[i]), self.shift, c.mean[i], c.comoment[i]) for i in range(len(c))]
+
+
+class _Chunks:
+    """The chunks of a `SampleStream` as arrays — count (m,), mean (m, 2, C), comoment (m, 3, C),
+    all around the stream's K. Why arrays, not a list of `SampleMoments`: one Python object per
+    chunk (~30 µs each) was several times the memory pass itself on a small model (mobilenet_v2 at
+    64×64, 52 BNs); here a batch costs a few vectorised operations."""
+
+    def __init__(self, channels: int) -> None:
+        self.count = np.zeros(0)
+        self.mean = np.zeros((0, 2, channels))
+        self.comoment = np.zeros((0, 3, channels))
+
+    def __len__(self) -> int:
+        return len(self.count)
+
+    def append(self, a: np.ndarray, b: np.ndarray, size: int) -> None:
+        """New chunks of `size` consecutive samples of a, b (N, C) (the last may be shorter)."""
+        full = len(a) // size
+        counts, means, comoments = [self.count], [self.mean], [self.comoment]
+        if full:
+            n, m, c = _group(np.stack([a[: full * size], b[: full * size]], axis=1).reshape(full, size, 2, a.shape[1]))
+            counts.append(n), means.append(m), comoments.append(c)
+        if full * size < len(a):
+            n, m, c = _group(np.stack([a[full * size :], b[full * size :]], axis=1)[None])
+            counts.append(n), means.append(m), comoments.append(c)
+        self.count, self.mean, self.comoment = np.concatenate(counts), np.concatenate(means), np.concatenate(comoments)
+
+    def top_up(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Add the samples a, b (N, C) to the last chunk."""
+        n, m, c = _group(np.stack([a, b], axis=1)[None])
+        last = slice(len(self) - 1, None)
+        self.count[last], self.mean[last], self.comoment[last] = _chan(
+            self.count[last], self.mean[last], self.comoment[last], n, m, c
+        )
+
+    def merge_pairs(self) -> None:
+        """Chunks 0+1, 2+3, … (a last odd one stays as it is)."""
+        even = 2 * (len(self) // 2)
+        merged = _chan(*(v[0:even:2] for v in (self.count, self.mean, self.comoment)),
+                       *(v[1:even:2] for v in (self.count, self.mean, self.comoment)))  # fmt: skip
+        rest = (self.count[even:], self.mean[even:], self.comoment[even:])
+        self.count, self.mean, self.comoment = (np.concatenate([m, r]) for m, r in zip(merged, rest))
+
+
+def _group(ab: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Count (k,), mean (k, 2, C) and co-moments (k, 3, C) of k groups of per-sample (a, b), ab (k, n, 2, C)."""
+    mean = ab.mean(axis=1)
+    d = ab - mean[:, None]
+    da, db = d[:, :, 0], d[:, :, 1]
+    comoment = np.stack([(da * da).sum(axis=1), (da * db).sum(axis=1), (db * db).sum(axis=1)], axis=1)
+    return np.full(len(ab), float(ab.shape[1])), mean, comoment
+
+
+def _chan(n1, mean1, com1, n2, mean2, com2):
+    """`SampleMoments.merge` on stacks of chunk pairs (counts (k,), means (k, 2, C), co-moments (k, 3, C))."""
+    n = n1 + n2
+    w1, w2 = n1[:, None, None], n2[:, None, None]
+    delta = mean2 - mean1
+    mean = mean1 + delta * (w2 / (w1 + w2))
+    outer = np.stack([delta[:, 0] * delta[:, 0], delta[:, 0] * delta[:, 1], delta[:, 1] * delta[:, 1]], axis=1)
+    return n, mean, com1 + com2 + outer * (w1 * w2 / (w1 + w2))
 
 
 def _merge_all(parts: list[SampleMoments], shift) -> SampleMoments:

@@ -235,3 +235,45 @@ def test_c_kernel_matches_the_numpy_sums(shape):
     want = stats._shifted_sums_numpy(rows, shift)
     for g_, w in zip(got, want):
         np.testing.assert_allclose(g_, w, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["c-kernel", "numpy"])
+@pytest.mark.parametrize("shape", [(40, 64, 32, 32), (7, 5, 13), (300, 16), (3, 2, 0), (1, 1, 5)])
+def test_per_sample_sums_match_numpy(shape, kernel, monkeypatch):
+    """S1[n, c] = Σ(x−K), S2[n, c] = Σ(x−K)² per sample and channel, in float64 — on one thread and,
+    for the first shape (2.6 M elements), split over threads by samples."""
+    if not kernel:
+        monkeypatch.setattr(stats, "_kernel", None)
+    elif stats._kernel is None:
+        pytest.skip("C kernel not built")
+    x = (np.random.default_rng(4).standard_normal(shape) * 3 + 100).astype(np.float32)
+    shift = np.linspace(99.0, 101.0, shape[1])
+    s1, s2, length = stats.shifted_sample_sums(x, shift)
+    rows = x.astype(np.float64).reshape(shape[0], shape[1], -1) - shift[None, :, None]
+    assert length == rows.shape[2] and s1.shape == s2.shape == shape[:2] and s1.dtype == np.float64
+    np.testing.assert_allclose(s1, rows.sum(axis=2), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(s2, (rows * rows).sum(axis=2), rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_pooled_moments_from_per_sample_sums_with_a_fixed_shift(offset):
+    """One shift for every batch (the runner's: the first batch's first sample), the pooled moments
+    derived from the per-sample sums, merged batch by batch: the two-pass NumPy statistics."""
+    x = (np.random.default_rng(5).standard_normal((37, 4, 6, 5)) * 0.5 + offset).astype(np.float32)
+    shift = stats.first_sample_shift(x[:8])
+    acc = Moments.empty(4)
+    for start in range(0, 37, 8):
+        s1, s2, length = stats.shifted_sample_sums(x[start : start + 8], shift)
+        acc = acc.merge(Moments.from_sums(len(s1) * length, shift, s1.sum(axis=0), s2.sum(axis=0)))
+    mean, var = _numpy(x)
+    assert acc.count == 37 * 30
+    np.testing.assert_allclose(acc.mean, mean, rtol=1e-12, atol=1e-12)
+    assert _rel(acc.var, var) <= 1e-9
+    assert _rel(Moments.of(x, shift=shift).var, var) <= 1e-9
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 3, 0), (2, 0, 5), (4, 3)])
+def test_first_sample_shift_of_empty_and_flat_tensors(shape):
+    x = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    want = x[0].reshape(shape[1], -1).mean(axis=1) if x.size else np.zeros(shape[1])
+    np.testing.assert_array_equal(stats.first_sample_shift(x), want)

@@ -178,3 +178,40 @@ def test_recalibrate_stderr_does_not_depend_on_batching():
         assert other.samples_recommended == reports[0].samples_recommended
         split, first = other.extra["uncertainty"]["split_half"], reports[0].extra["uncertainty"]["split_half"]
         assert split["samples"] == first["samples"] and split["max_abs_z"] == pytest.approx(first["max_abs_z"], rel=1e-9)
+
+
+def test_stream_fed_per_sample_moments_equals_stream_fed_tensors():
+    """`add_moments` (the runner's path: one read of the tensor, one shift for all batches) gives what
+    `add` gives on the raw batches; parts taken around another shift are moved to the stream's."""
+    x = _data(70, offset=20.0, seed=6)
+    want = _stream(x, [70])
+    shift = moments.first_sample_shift(x)
+    fed = SampleStream()
+    for lo, hi in ((0, 9), (9, 40), (40, 70)):
+        part_shift = shift if lo < 40 else shift + 3.0  # the last part around another K
+        fed.add_moments(*per_sample_moments(x[lo:hi], part_shift), part_shift)
+    assert fed.count == 70 and np.array_equal(fed.shift, want.shift)
+    for got, ref in [(fed.total(), want.total()), *zip(fed.halves(), want.halves())]:
+        np.testing.assert_allclose(got.mean, ref.mean, rtol=1e-12, atol=1e-9)
+        np.testing.assert_allclose(got.comoment, ref.comoment, rtol=1e-9)
+
+
+@pytest.mark.parametrize("sizes", [[64, 64, 22], [1] * 150, [150]], ids=["sixty-fours", "ones", "whole"])
+def test_halves_after_chunk_doubling_match_numpy(sizes):
+    """Past 64 chunks the stream merges neighbours (vectorised); each half still has the NumPy
+    standard errors and statistics of exactly its own samples."""
+    x = _data(150, offset=5.0, seed=7)
+    first, second = _stream(x, sizes).halves()
+    for got, part in ((first, x[:76]), (second, x[76:])):
+        assert got.count == len(part)
+        for g, w in zip(got.stderr(), _numpy_stderr(part)):
+            np.testing.assert_allclose(g, w, rtol=1e-9)
+        np.testing.assert_allclose(got.mean_value, Moments.of(part).mean, rtol=1e-12)
+        np.testing.assert_allclose(got.var_value, Moments.of(part).var, rtol=1e-9)
+
+
+def test_an_empty_first_batch_does_not_fix_the_shift():
+    x = _data(20, offset=1e3, seed=8)
+    stream = _stream(x, [0, 20])
+    np.testing.assert_allclose(stream.shift, moments.first_sample_shift(x))
+    assert stream.count == 20
