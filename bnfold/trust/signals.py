@@ -27,8 +27,11 @@ import onnxruntime as ort
 from bnfold.errors import UnsupportedModel
 from bnfold.inputs.arrays import iter_batches, model_inputs
 
-#: The signals are computed on at most this many of the samples (two inference passes over them).
-SIGNAL_SAMPLES = 256
+#: The signals are computed on at most this many of the samples: two inference passes over them
+#: (before, after). Measured on the real-size bench (bench/RESULTS.md §5), 256 added 42–79 % to the
+#: recalibration's time; 64 add a quarter of one pass at 512 samples, and a share of changed
+#: predictions then has a standard error of at most ~6 points — enough for a signal.
+SIGNAL_SAMPLES = 64
 
 
 def first_output(model: onnx.ModelProto, samples, batch_size: int, threads: int = 0) -> np.ndarray:
