@@ -190,16 +190,17 @@ def recalibrate_files(
         )
         if images is not None:
             result.report.extra["images"] = images.report() | {"spec_origin": origin}
-        signal_samples = images.first(SIGNAL_SAMPLES) if images is not None else _first(samples, SIGNAL_SAMPLES)
+        # One read (for images: one decode) of the first samples serves the signals and the verification.
+        wanted = max(SIGNAL_SAMPLES, options.verify_samples if options.fold else 0)
+        head = images.first(wanted) if images is not None else _first(samples, wanted)
         tick = time.perf_counter()
-        _did_it_help(model, result, signal_samples, check, options)
+        _did_it_help(model, result, _first(head, SIGNAL_SAMPLES), check, options)
         result.report.timings["signals"] = time.perf_counter() - tick
         if not options.fold:
             result.report.timings["job"] = time.perf_counter() - started
             return JobOutput(result.model, result.report)
-        first = images.first(options.verify_samples) if images is not None else _first(samples, options.verify_samples)
         tick = time.perf_counter()
-        final = _fold_and_verify(result.model, result.report, first, options)
+        final = _fold_and_verify(result.model, result.report, _first(head, options.verify_samples), options)
         result.report.timings["fold_and_verify"] = time.perf_counter() - tick
         samples_sha256 = images.sha256 if images is not None else _file_sha256(samples_path)  # before another pass
 
