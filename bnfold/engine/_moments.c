@@ -15,6 +15,11 @@
  *   shift  float64 buffer (c,)        K, subtracted before summing
  *   s1, s2 writable float64 (n, c)    s1[i, ch] = sum_j (x[i, ch, j] - K[ch]),  s2[i, ch] = sum_j (...)^2
  * The GIL is released, so several threads can work on different sample ranges.
+ *
+ * block_sums_f32(x, shift, s1, s2, n, cb, l, b): the same sums for a tensor in ONNX Runtime's
+ * blocked NCHWc layout, x of shape (n, cb, l, b): channel blk*b + lane at x[i, blk, :, lane].
+ * Reading it in memory order (all b lanes of a position together) keeps the one pass sequential;
+ * the b accumulators per block are independent, so each sum is still taken in position order.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -75,7 +80,55 @@ done:
     return result;
 }
 
+static PyObject *block_sums_f32(PyObject *self, PyObject *args)
+{
+    Py_buffer xb, kb, s1b, s2b;
+    Py_ssize_t n, cb, l, b;
+    if (!PyArg_ParseTuple(args, "y*y*w*w*nnnn", &xb, &kb, &s1b, &s2b, &n, &cb, &l, &b))
+        return NULL;
+    PyObject *result = NULL;
+    if (n < 0 || cb < 0 || l < 0 || b < 1 || b > 64 || xb.len != (Py_ssize_t)sizeof(float) * n * cb * l * b ||
+        kb.len != (Py_ssize_t)sizeof(double) * cb * b || s1b.len != (Py_ssize_t)sizeof(double) * n * cb * b ||
+        s2b.len != s1b.len) {
+        PyErr_SetString(PyExc_ValueError, "block_sums_f32: buffer sizes do not match (n, cb, l, b)");
+        goto done;
+    }
+    const float *x = (const float *)xb.buf;
+    const double *k = (const double *)kb.buf;
+    double *s1 = (double *)s1b.buf, *s2 = (double *)s2b.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++)
+        for (Py_ssize_t blk = 0; blk < cb; blk++) {
+            double a[64], q[64];
+            const double *kk = k + blk * b;
+            const float *p = x + (i * cb + blk) * l * b;
+            for (Py_ssize_t lane = 0; lane < b; lane++)
+                a[lane] = q[lane] = 0;
+            for (Py_ssize_t j = 0; j < l; j++, p += b)
+                for (Py_ssize_t lane = 0; lane < b; lane++) {
+                    double d = (double)p[lane] - kk[lane];
+                    a[lane] += d;
+                    q[lane] += d * d;
+                }
+            for (Py_ssize_t lane = 0; lane < b; lane++) {
+                s1[(i * cb + blk) * b + lane] = a[lane];
+                s2[(i * cb + blk) * b + lane] = q[lane];
+            }
+        }
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&xb);
+    PyBuffer_Release(&kb);
+    PyBuffer_Release(&s1b);
+    PyBuffer_Release(&s2b);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"block_sums_f32", block_sums_f32, METH_VARARGS,
+     "block_sums_f32(x, shift, s1, s2, n, cb, l, b): sample_sums_f32 for x in blocked (n, cb, l, b) layout."},
     {"sample_sums_f32", sample_sums_f32, METH_VARARGS,
      "sample_sums_f32(x, shift, s1, s2, n, c, l): s1[i,c] = sum(x[i,c]-K[c]), s2[i,c] = sum((x[i,c]-K[c])^2), float64."},
     {NULL, NULL, 0, NULL},

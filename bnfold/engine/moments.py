@@ -47,16 +47,24 @@ def _pool() -> ThreadPoolExecutor:
     return _executor
 
 
-def shifted_sample_sums(x: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+def shifted_sample_sums(x: np.ndarray, shift: np.ndarray, block: int = 1) -> tuple[np.ndarray, np.ndarray, int]:
     """Per-sample, per-channel Σ(x−K) and Σ(x−K)² over the L positions of each sample, in float64.
 
     x: (N, C, ...) any float dtype; shift K: float64 (C,). Returns (S1, S2, L) with S1, S2 float64
     (N, C). One read of x serves both the pooled `Moments` (sums of S1, S2 over the samples) and
-    the between-sample standard errors (`engine.uncertainty`, from S1/L, S2/L)."""
+    the between-sample standard errors (`engine.uncertainty`, from S1/L, S2/L).
+    block: B > 1 when x is in ONNX Runtime's blocked NCHWc layout (`engine.native`): shape
+    (N, C, ...) but memory (N, C/B, L, B), C a multiple of B."""
     if x.ndim < 2:
         raise ValueError(f"expected a tensor of shape (N, C, ...), got shape {x.shape}")
     n, channels = x.shape[:2]
-    rows = np.ascontiguousarray(x).reshape(n, channels, int(np.prod(x.shape[2:], dtype=np.int64)))  # (N, C, L)
+    length = int(np.prod(x.shape[2:], dtype=np.int64))
+    if block > 1:
+        if channels % block:
+            raise ValueError(f"blocked tensor of shape {x.shape}: {channels} channels are not a multiple of {block}")
+        rows = np.ascontiguousarray(x).reshape(n, channels // block, length, block)  # (N, C/B, L, B)
+    else:
+        rows = np.ascontiguousarray(x).reshape(n, channels, length)  # (N, C, L)
     k = np.ascontiguousarray(np.asarray(shift, np.float64).reshape(channels))
     s1, s2 = np.empty((n, channels)), np.empty((n, channels))
     # Large tensors are split by samples over a few threads (the C kernel and NumPy's loops release
@@ -67,15 +75,21 @@ def shifted_sample_sums(x: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, n
         list(_pool().map(_sums_into, [rows] * parts, [k] * parts, [s1] * parts, [s2] * parts, bounds[:-1], bounds[1:]))
     else:
         _sums_into(rows, k, s1, s2, 0, n)
-    return s1, s2, rows.shape[2]
+    return s1, s2, length
 
 
 def _sums_into(rows: np.ndarray, k: np.ndarray, s1: np.ndarray, s2: np.ndarray, lo: int, hi: int) -> None:
-    """S1[lo:hi], S2[lo:hi] of `shifted_sample_sums` for the rows (N, C, L) of samples lo..hi−1."""
+    """S1[lo:hi], S2[lo:hi] of `shifted_sample_sums` for samples lo..hi−1 of rows (N, C, L) or,
+    blocked, (N, C/B, L, B)."""
     part = rows[lo:hi]
     if _kernel is not None and part.dtype == np.float32 and hi > lo:
-        _kernel.sample_sums_f32(part, k, s1[lo:hi], s2[lo:hi], *part.shape)
+        if part.ndim == 4:
+            _kernel.block_sums_f32(part, k, s1[lo:hi], s2[lo:hi], *part.shape)
+        else:
+            _kernel.sample_sums_f32(part, k, s1[lo:hi], s2[lo:hi], *part.shape)
     else:
+        if part.ndim == 4:  # to (n, C, L): a copy, only on this fallback path
+            part = part.transpose(0, 1, 3, 2).reshape(part.shape[0], -1, part.shape[2])
         s1[lo:hi], s2[lo:hi] = _sample_sums_numpy(part, k)
 
 
@@ -106,12 +120,15 @@ def _shifted_sums_numpy(rows: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray
     return s1.sum(axis=0), s2.sum(axis=0)
 
 
-def first_sample_shift(x: np.ndarray) -> np.ndarray:
-    """K: the first sample's per-channel mean of x (N, C, ...), float64 (C,) (zeros if x is empty)."""
+def first_sample_shift(x: np.ndarray, block: int = 1) -> np.ndarray:
+    """K: the first sample's per-channel mean of x (N, C, ...), float64 (C,) (zeros if x is empty).
+    block: as in `shifted_sample_sums`."""
     n, channels = x.shape[:2]
     length = int(np.prod(x.shape[2:], dtype=np.int64))
     if n == 0 or length == 0:
         return np.zeros(channels)
+    if block > 1:  # memory (C/B, L, B) → means (C/B, B), channel-ordered
+        return np.asarray(x[0]).reshape(channels // block, length, block).mean(axis=1, dtype=np.float64).ravel()
     return np.asarray(x[0]).reshape(channels, length).mean(axis=1, dtype=np.float64)
 
 

@@ -158,14 +158,22 @@ def plan_stages(model: onnx.ModelProto, batchnorms: Iterable[BatchNorm]) -> Stag
     reads = [[t for t in node_inputs(node) if t in producer or t in runtime_inputs] for node in graph.node]
 
     stage = [0] * len(graph.node)
-    for i, node in enumerate(graph.node):
+    level: dict[int, int] = {}
+    for i in range(len(graph.node)):
         before = max((stage[producer[t]] for t in reads[i] if t in producer), default=0)
-        stage[i] = before + (1 if i in bn_at else 0)
+        if i in bn_at:
+            # A BN is measured where its input is made; its output needs that level's statistics.
+            # (A BN node with another runtime input — a residual Add that ORT fused into the
+            # Conv standing for the BN, engine.native — runs no earlier than that input either.)
+            x = bn_at[i].x
+            level[i] = stage[producer[x]] if x in producer else 0
+            before = max(before, level[i] + 1)
+        stage[i] = before
 
     useful = _ancestors(graph, reads, producer, {bn.x for bn in bn_at.values()})
-    num_stages = 1 + max(stage[i] - 1 for i in bn_at)
-    levels = {bn.name: stage[i] - 1 for i, bn in bn_at.items()}
-    measure = [sorted({bn.x for i, bn in bn_at.items() if stage[i] - 1 == s}) for s in range(num_stages)]
+    num_stages = 1 + max(level.values())
+    levels = {bn.name: level[i] for i, bn in bn_at.items()}
+    measure = [sorted({bn.x for i, bn in bn_at.items() if level[i] == s}) for s in range(num_stages)]
 
     # A tensor is a cut tensor when a useful node of a later stage reads it (or it is measured).
     last_use: dict[str, int] = {}

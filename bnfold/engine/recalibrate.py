@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -29,6 +30,7 @@ import bnfold.onnx_graph as og
 from bnfold.engine import plan as g
 from bnfold.engine import prior as source_prior
 from bnfold.engine.memory import default_memory_budget
+from bnfold.engine.native import NativeGraph, native_graph
 from bnfold.engine.moments import Moments, first_sample_shift, shifted_sample_sums
 from bnfold.engine.parameters import with_private_parameters
 from bnfold.engine.prior import check_prior, mix
@@ -94,17 +96,22 @@ def recalibrate(
     work, notes = with_private_parameters(model)
     batchnorms = g.require_batchnorms(work)
     notes += _subgraph_batchnorm_notes(work)
-    plan = g.plan_stages(work, batchnorms)
-    runner = _StageRunner(work, plan, providers, threads, progress)
+    shapes = og.value_shapes(work)
+    native = native_graph(work, batchnorms, shapes, threads) if _native_allowed(providers) else None
+    graph, measured = (native.model, native.batchnorms) if native else (work, batchnorms)
+    plan = g.plan_stages(graph, measured)
+    runner = _StageRunner(graph, plan, providers, threads, progress, native, og.constant_tensors(work.graph),
+                          og.value_shapes(graph) if native else shapes)
     planned = time.perf_counter()
     runner.expected_samples = _expected_samples(samples)
     runner.prior = float(prior)
     with TensorStore(memory_budget, spill_dir, disk_budget=disk_budget) as store:
         batches = iter_batches(samples, model_inputs(work), batch_size)
-        runner.run(batches, store, batchnorms)
+        runner.run(batches, store, measured)
         store_use = {"peak_bytes_in_memory": store.peak_bytes_in_memory, "bytes_spilled": store.bytes_spilled}
     ran = time.perf_counter()
-    result = _result(work, batchnorms, plan, runner, notes)
+    result = _result(work, batchnorms, measured, plan, runner, notes)
+    result.report.extra["stage_graph"] = "onnxruntime-optimized" if native else "source"
     result.report.extra["store"] = store_use
     timings = runner.timings
     timings["planning"] = planned - started
@@ -140,10 +147,14 @@ def recalibratable_batchnorms(model: onnx.ModelProto) -> list[g.BatchNorm]:
 class _StageRunner:
     """Runs the stages in order, keeping moments per measured tensor and the new BN statistics."""
 
-    def __init__(self, model: onnx.ModelProto, plan: g.StagePlan, providers, threads: int, progress: Progress | None):
+    def __init__(self, model: onnx.ModelProto, plan: g.StagePlan, providers, threads: int, progress: Progress | None,
+                 native: NativeGraph | None, source_constants: dict[str, onnx.TensorProto], shapes: dict):
         self.threads = threads
+        self.native = native  # cutting ORT's optimized graph (engine.native), or None: the source graph
+        self.source_constants = source_constants  # the BN parameters, wherever the stages are cut
+        self.channels: dict[str, int] = {}  # measured tensor -> BN channels (blocked ones are padded)
         # once: stage outputs get their types from it, stage inputs their static sizes
-        self.inferred_shapes = og.value_shapes(model)
+        self.inferred_shapes = shapes  # og.value_shapes(model)
         self.inferred_types = {n: (e, None if d is None else len(d)) for n, (e, d) in self.inferred_shapes.items()}
         self.constants = og.constant_tensors(model.graph)  # once: the graph is never edited here
         self.model = model
@@ -170,6 +181,7 @@ class _StageRunner:
         self.timings: dict[str, float] = dict.fromkeys(("reading", "sessions", "onnxruntime", "statistics", "store"), 0.0)
 
     def run(self, batches, store: TensorStore, batchnorms: list[g.BatchNorm]) -> None:
+        self.channels = {bn.x: bn.channels for bn in batchnorms}
         for s in range(self.plan.num_stages):
             self.moments.update({x: None for x in self.plan.measure[s]})
             session = None
@@ -243,12 +255,15 @@ class _StageRunner:
         previous one is collected before the next is submitted)."""
         measured = []
         for x, value in tensors:
+            block = self.native.block.get(x, 1) if self.native else 1
             shift = self.shifts.get(x)
             if shift is None:
-                shift = first_sample_shift(value)
+                shift = first_sample_shift(value, block)
                 if len(value):  # fixed by the first batch with samples
                     self.shifts[x] = shift
-            s1, s2, length = shifted_sample_sums(value, shift)
+            s1, s2, length = shifted_sample_sums(value, shift, block)
+            channels = self.channels[x]  # blocked tensors carry zero padding past the BN's channels
+            s1, s2, shift = s1[:, :channels], s2[:, :channels], shift[:channels]
             self.between.setdefault(x, SampleStream()).add_moments(s1 / max(length, 1), s2 / max(length, 1), shift)
             measured.append((x, Moments.from_sums(len(value) * length, shift, s1.sum(axis=0), s2.sum(axis=0))))
         return measured
@@ -276,6 +291,8 @@ class _StageRunner:
         try:
             options = _quiet_options()
             options.intra_op_num_threads = self.threads
+            if self.native:  # already ORT's optimized graph: optimizing it again could only undo the cut
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             return ort.InferenceSession(stage.SerializeToString(), options, providers=self.providers)
         except Exception as exc:  # ORT raises several unrelated types; all mean "cannot run this"
             raise UnsupportedModel(
@@ -300,7 +317,7 @@ class _StageRunner:
         return dims
 
     def _set_statistics(self, level: list[g.BatchNorm]) -> None:
-        constants = self.constants
+        constants = self.source_constants
         for bn in level:
             moments = self.moments[bn.x]
             source = [numpy_helper.to_array(constants[t]) for t in (bn.mean, bn.var)]
@@ -308,7 +325,11 @@ class _StageRunner:
             for name, value in ((bn.mean, mean), (bn.var, var)):
                 dtype = onnx.helper.tensor_dtype_to_np_dtype(constants[name].data_type)
                 self.overrides[name] = numpy_helper.from_array(value.astype(dtype), name)
-            self._run_as_conv(bn, constants, mean, var)
+            if self.native:
+                a, b = _affine(bn, constants, mean, var)
+                self.stage_overrides.update({t.name: t for t in self.native.affine(bn, a, b)})
+            else:
+                self._run_as_conv(bn, constants, mean, var)
 
     def _run_as_conv(self, bn: g.BatchNorm, constants, mean: np.ndarray, var: np.ndarray) -> None:
         """Let later stages run this BN as a depthwise 1×1 Conv computing the same y = a·x + b.
@@ -321,9 +342,7 @@ class _StageRunner:
         elem_type, rank = self.types.get(bn.x, (None, 0))
         if elem_type != onnx.TensorProto.FLOAT or rank < 3:
             return
-        scale, bias = (numpy_helper.to_array(constants[t]).astype(np.float64) for t in (bn.scale, bn.bias))
-        a = scale / np.sqrt(var + bn.epsilon)
-        b = bias - mean * a
+        a, b = _affine(bn, constants, mean, var)
         weight, shift = f"bnfold::{bn.index}::weight", f"bnfold::{bn.index}::bias"
         kernel = [1] * (rank - 2)
         self.stage_overrides[weight] = numpy_helper.from_array(a.reshape(-1, 1, *kernel).astype(np.float32), weight)
@@ -345,6 +364,20 @@ class _StageRunner:
         level = f"BN level {s + 1}/{self.plan.num_stages}"
         # Without a known count the fraction cannot move in stage 0; the count read still does.
         return f"{level} ({plural(self.samples, 'sample')} read)" if s == 0 and not self.expected_samples else level
+
+
+def _affine(bn: g.BatchNorm, constants, mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eval-mode BN as y = a·x + b per channel: a = γ/√(var+ε), b = β − mean·a (float64 (C,) each)."""
+    scale, bias = (numpy_helper.to_array(constants[t]).astype(np.float64) for t in (bn.scale, bn.bias))
+    a = scale / np.sqrt(var + bn.epsilon)
+    return a, bias - mean * a
+
+
+def _native_allowed(providers) -> bool:
+    """ORT's optimized graph is cut only for the CPU provider (others optimize differently), and not
+    when BNFOLD_STAGE_GRAPH=source asks for the source graph (A/B runs, bisecting a bad result)."""
+    cpu_only = providers is None or list(providers) == ["CPUExecutionProvider"]
+    return cpu_only and os.environ.get("BNFOLD_STAGE_GRAPH", "native") != "source"
 
 
 def _expected_samples(samples: Samples) -> int | None:
@@ -415,11 +448,12 @@ def _subgraph_batchnorm_notes(model) -> list[str]:
     return [f"{inside} BatchNormalization node(s) inside If/Loop/Scan bodies were not recalibrated"] if inside else []
 
 
-def _result(work, batchnorms, plan, runner: _StageRunner, notes) -> RecalibrationResult:
+def _result(work, batchnorms, measured, plan, runner: _StageRunner, notes) -> RecalibrationResult:
+    """measured[i]: source BN i as the stages saw it (its input tensor there may be a blocked copy)."""
     constants = og.constant_values(work.graph, [t for bn in batchnorms for t in (bn.mean, bn.var)])
     layers = []
-    for bn in batchnorms:
-        moments = runner.moments[bn.x]
+    for bn, seen in zip(batchnorms, measured):
+        moments = runner.moments[seen.x]
         warnings = []
         low = int((moments.var < bn.epsilon).sum())
         if low:
@@ -439,7 +473,7 @@ def _result(work, batchnorms, plan, runner: _StageRunner, notes) -> Recalibratio
                 **({"target_mean": moments.mean, "target_var": moments.var} if runner.prior else {}),
             )
         )
-    certainty = assess([(bn.name, runner.between[bn.x], runner.moments[bn.x].var, bn.epsilon) for bn in batchnorms],
+    certainty = assess([(bn.name, runner.between[bn.x], runner.moments[bn.x].var, bn.epsilon) for bn in measured],
                        runner.samples)
     for layer, (stderr_mean, stderr_var) in zip(layers, certainty.stderr):
         layer.stderr_mean, layer.stderr_var = stderr_mean, stderr_var

@@ -1,0 +1,206 @@
+"""Stage graphs cut from ONNX Runtime's own optimized graph, so cut tensors stay in its layout.
+
+Why: cutting the *source* graph at every BN level hands ORT a new model per level, and its CPU
+optimizer converts each one to the blocked NCHWc layout on entry and back on exit. On
+mobilenet_v2 at 224×224 those reorders cost 1.3× a whole inference pass (bench/RESULTS.md §5).
+
+How: a *template* of the model, in which every BN is a depthwise 1×1 Conv with marker weights
+(the per-channel map y = a·x + b that BN is in eval mode) and every BN input is a graph output,
+goes once through ORT's optimizer at its highest level, and the optimized graph is saved. In that
+graph each BN input is either a plain tensor or, behind a ``ReorderOutput``, a blocked one (shape
+(N, C_pad, H, W) in memory as (N, C_pad/B, H, W, B)); the BN is the optimized Conv that reads it
+and carries the markers (with its activation, residual Add fused in, and C padded to C_pad).
+`engine.plan` cuts that graph instead of the source; the runner measures blocked tensors with
+their block size and writes each BN's a, b (zero-padded) into the optimized Conv's weights.
+
+Exact as before: a, b enter the same float32 Conv ORT's own Conv+BN fusion would run. The
+optimized graph is specific to this machine and this onnxruntime build (ORT warns so); it lives
+only for one recalibration. Anything this module does not recognise — a BN that is not float32
+4-D, ORT fusing something into a marker Conv, a renamed or shared marker — returns None, and the
+runner cuts the source graph as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+from bnfold.engine import plan as g
+from bnfold.onnx_graph import constant_tensors
+
+NCHWC = "com.microsoft.nchwc"
+
+
+@dataclasses.dataclass
+class NativeGraph:
+    """ORT's optimized template, and where each source BN is in it.
+
+    ``batchnorms[i]`` stands for source BN i: ``index`` is its marker Conv's position in
+    ``model.graph.node``, ``x`` the tensor it reads there (blocked or plain); the other fields are
+    the source BN's. ``block[x]``: NCHWc block size of measured tensor x (1: plain NCHW layout).
+    ``weights[name]``: the (weight, bias) initializers of BN ``name``'s marker Conv.
+    """
+
+    model: onnx.ModelProto
+    batchnorms: list[g.BatchNorm]
+    block: dict[str, int]
+    weights: dict[str, tuple[str, str]]
+
+    def affine(self, bn: g.BatchNorm, a: np.ndarray, b: np.ndarray) -> list[onnx.TensorProto]:
+        """The marker Conv's initializers computing y = a·x + b per channel (float64 (C,) each),
+        zero-padded to the Conv's padded channel count."""
+        constants = self._constants()
+        tensors = []
+        for name, values in zip(self.weights[bn.name], (a, b)):
+            dims = list(constants[name].dims)
+            padded = np.zeros(int(np.prod(dims)), np.float32)
+            padded[: len(values)] = values
+            tensors.append(numpy_helper.from_array(padded.reshape(dims), name))
+        return tensors
+
+    def _constants(self) -> dict[str, onnx.TensorProto]:
+        if not hasattr(self, "_constant_cache"):
+            self._constant_cache = constant_tensors(self.model.graph)
+        return self._constant_cache
+
+
+def native_graph(model: onnx.ModelProto, batchnorms: list[g.BatchNorm], types: dict, threads: int) -> NativeGraph | None:
+    """The optimized template of `model` (see module docstring), or None where it does not apply.
+
+    types: tensor name → (onnx elem type, dims) from shape inference of the source model."""
+    if not batchnorms or any(types.get(bn.x, (None, None))[0] != onnx.TensorProto.FLOAT
+                             or len(types.get(bn.x, (None, None))[1] or ()) != 4 for bn in batchnorms):
+        return None
+    try:
+        optimized = _optimize(_template(model, batchnorms), threads)
+    except Exception:  # noqa: BLE001 - ORT's error types are not public; the source-graph path still works
+        return None
+    return _locate(optimized, batchnorms)
+
+
+def _marker(k: int) -> tuple[float, float]:
+    """Weight and bias values of BN k's marker Conv: distinct per BN, so no two are deduplicated
+    and each is found again by value; exact in float32."""
+    return 1.0 + (k + 1) / 4096.0, (k + 1) / 8192.0
+
+
+def _template(model: onnx.ModelProto, batchnorms: list[g.BatchNorm]) -> onnx.ModelProto:
+    template = onnx.ModelProto()
+    template.CopyFrom(model)
+    graph = template.graph
+    for k, bn in enumerate(batchnorms):
+        weight, bias = _marker(k)
+        names = (f"bnfold::marker::{k}::weight", f"bnfold::marker::{k}::bias")
+        graph.initializer.extend([
+            numpy_helper.from_array(np.full((bn.channels, 1, 1, 1), weight, np.float32), names[0]),
+            numpy_helper.from_array(np.full(bn.channels, bias, np.float32), names[1]),
+        ])
+        output = graph.node[bn.index].output[0]
+        graph.node[bn.index].CopyFrom(onnx.helper.make_node(
+            "Conv", [bn.x, *names], [output], name=f"bnfold::marker::{k}", group=bn.channels, kernel_shape=[1, 1]))
+    # BN inputs become outputs too, so ORT keeps each in a tensor of its own (in any layout); the
+    # model's own outputs stay, so no marker Conv is pruned as unused
+    outputs = {o.name for o in graph.output}
+    graph.output.extend(onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None)
+                        for x in dict.fromkeys(bn.x for bn in batchnorms) if x not in outputs)
+    return template
+
+
+def _optimize(template: onnx.ModelProto, threads: int) -> onnx.ModelProto:
+    """ORT's optimized graph of `template` (CPU provider, all levels), as ORT itself saves it."""
+    with tempfile.TemporaryDirectory(prefix="bnfold-native-") as tmp:
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        options.intra_op_num_threads = threads
+        options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        ort.InferenceSession(template.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return onnx.load(options.optimized_model_filepath)
+
+
+def _locate(optimized: onnx.ModelProto, batchnorms: list[g.BatchNorm]) -> NativeGraph | None:
+    graph = optimized.graph
+    if not _topologically_sorted(graph):
+        return None
+    constants = constant_tensors(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for t in node.input:
+            readers.setdefault(t, []).append(i)
+    found, block, weights = [], {}, {}
+    for k, bn in enumerate(batchnorms):
+        source = producer.get(bn.x)
+        # BN input in ORT's blocked layout (behind a ReorderOutput) or plain; the marker Conv reads
+        # one of the two (ORT runs it blocked only where its channel count allows)
+        blocked = source.input[0] if source is not None and source.domain == NCHWC and source.op_type == "ReorderOutput" else None
+        convs = [(i, x) for x in (blocked, bn.x) if x for i in readers.get(x, [])
+                 if _is_marker(graph.node[i], x, k, bn.channels, constants)]
+        if len(convs) != 1:
+            return None
+        (index, x), conv = convs[0], graph.node[convs[0][0]]
+        block[x] = _block_size() if x == blocked else 1
+        weights[bn.name] = (conv.input[1], conv.input[2])
+        found.append(dataclasses.replace(bn, index=index, x=x))
+    markers = [t for pair in weights.values() for t in pair]
+    if len(set(markers)) != len(markers):  # a shared marker tensor: one BN's write would change another
+        return None
+    return NativeGraph(optimized, found, block, weights)
+
+
+def _is_marker(node, x: str, k: int, channels: int, constants) -> bool:
+    """Whether `node` is BN k's marker Conv, untouched: reads x, and its weight and bias still
+    hold the markers on the first `channels` channels (ORT folding a Mul or Add into it would
+    change them) and zeros beyond (NCHWc padding)."""
+    if node.op_type not in ("Conv", "FusedConv") or len(node.input) < 3 or node.input[0] != x:
+        return False
+    if node.input[1] not in constants or node.input[2] not in constants:
+        return False
+    weight, bias = (numpy_helper.to_array(constants[t]).ravel() for t in node.input[1:3])
+    expected = _marker(k)
+    return all(
+        len(v) >= channels and np.all(v[:channels] == np.float32(e)) and not np.any(v[channels:])
+        for v, e in ((weight, expected[0]), (bias, expected[1]))
+    )
+
+
+def _topologically_sorted(graph: onnx.GraphProto) -> bool:
+    """plan.plan_stages reads the node list in order; ORT's saved graph is, but check."""
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    for node in graph.node:
+        if any(t not in known for t in node.input):
+            return False
+        known.update(node.output)
+    return True
+
+
+_block = None
+
+
+def _block_size() -> int:
+    """Channels per block of ORT's NCHWc layout on this CPU (8 with AVX2, 16 with AVX-512), read
+    off what ORT's own ``ReorderInput`` does to channel indices."""
+    global _block
+    if _block is None:
+        channels = 64
+        model = onnx.helper.make_model(
+            onnx.helper.make_graph(
+                [onnx.helper.make_node("ReorderInput", ["x"], ["y"], domain=NCHWC)], "probe",
+                [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, channels, 2, 1])],
+                [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+            ),
+            opset_imports=[onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid(NCHWC, 1)],
+        )
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        x = np.repeat(np.arange(channels, dtype=np.float32), 2).reshape(1, channels, 2, 1)
+        flat = session.run(None, {"x": x})[0].ravel()
+        # blocked order: (block, h, lane): channel 0 comes back at position B (h = 1, lane 0)
+        _block = int(np.flatnonzero(flat[1:] == 0)[0] + 1)
+    return _block
