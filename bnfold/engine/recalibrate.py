@@ -40,6 +40,7 @@ from bnfold.errors import InvalidOptions, UnsupportedModel, plural
 from bnfold.inputs.arrays import Samples, iter_batches, model_inputs
 from bnfold.inputs.model import check_model
 from bnfold.report import LayerReport, Report, shift_score
+from bnfold.runtime import session_options
 
 DEFAULT_MEMORY_BUDGET = None  # sized from the RAM available at the start of each run (engine.memory)
 
@@ -289,8 +290,7 @@ class _StageRunner:
             self.inferred_types, self.constants, {t: self._static_dims(t) for t in self.plan.inputs[s]},
         )
         try:
-            options = _quiet_options()
-            options.intra_op_num_threads = self.threads
+            options = session_options(self.threads)
             if self.native:  # already ORT's optimized graph: optimizing it again could only undo the cut
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             return ort.InferenceSession(stage.SerializeToString(), options, providers=self.providers)
@@ -411,27 +411,6 @@ def _stats_executor():
 
         _executor = ThreadPoolExecutor(1, thread_name_prefix="bnfold-overlap")
     return _executor
-
-
-_shared_arena = False
-
-
-def _quiet_options() -> ort.SessionOptions:
-    """Options for stage sessions: silent logs, and the process-wide CPU arena.
-
-    Why the shared arena: each stage is its own session, and a session's arena is returned to the
-    OS when it closes, so every stage would page-fault its working memory in again (measured: ~0.2–0.5×
-    of an inference pass on ResNet-18). An arena registered with the ORT environment outlives the
-    sessions. Sessions of the caller's own are unaffected unless they opt in the same way."""
-    global _shared_arena
-    if not _shared_arena:
-        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-        ort.create_and_register_allocator(info, None)
-        _shared_arena = True
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # failures surface as one BnfoldError, not as ORT's log lines too
-    options.add_session_config_entry("session.use_env_allocators", "1")
-    return options
 
 
 def _type_of(value: np.ndarray) -> tuple[int, int]:

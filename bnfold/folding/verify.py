@@ -37,6 +37,7 @@ from google.protobuf.message import EncodeError
 
 from bnfold.errors import InvalidOptions, InvalidSamples, UnsupportedModel, VerificationFailed, plural
 from bnfold.folding.probe import InputScale, batchnorm_statistics, fit_input_scale, probe_model
+from bnfold.runtime import session_options
 
 #: fraction of elements of an integer/bool output that may differ (near-ties of an argmax)
 DISCRETE_FLIP_FRACTION = 1e-3
@@ -317,10 +318,8 @@ def _is_float(dtype: Any) -> bool:
 
 
 def _session(model: onnx.ModelProto, which: str, error: type, providers: Sequence[str] | None, threads: int):
-    options = ort.SessionOptions()
+    options = session_options(threads)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     providers = list(providers or ["CPUExecutionProvider"])
     try:

@@ -26,6 +26,7 @@ import onnxruntime as ort
 
 from bnfold.errors import UnsupportedModel
 from bnfold.inputs.arrays import iter_batches, model_inputs
+from bnfold.runtime import session_options
 
 #: The signals are computed on at most this many of the samples: two inference passes over them
 #: (before, after). Measured on the real-size bench (bench/RESULTS.md §5), 256 added 42–79 % to the
@@ -36,9 +37,7 @@ SIGNAL_SAMPLES = 64
 
 def first_output(model: onnx.ModelProto, samples, batch_size: int, threads: int = 0) -> np.ndarray:
     """The model's first output on `samples` (array, dict, or iterable of batches), concatenated."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    options.intra_op_num_threads = threads
+    options = session_options(threads)
     try:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 -- ORT raises several unrelated types; all mean "cannot run this"
