@@ -186,7 +186,7 @@ def recalibrate_files(
             model, samples, batch_size=options.batch_size, memory_budget=options.memory_budget,
             spill_dir=None if options.spill_dir is None else os.fspath(options.spill_dir), threads=options.threads,
             disk_budget=options.disk_budget, providers=options.providers,
-            progress=progress, prior=options.prior,
+            progress=progress, prior=options.prior, head_samples=SIGNAL_SAMPLES,
         )
         if images is not None:
             result.report.extra["images"] = images.report() | {"spec_origin": origin}
@@ -239,7 +239,8 @@ def _load_check(samples_path, labels_path):
 def _did_it_help(model: onnx.ModelProto, result, signal_samples, check, options: JobOptions) -> None:
     """Label-free signals on the first samples; the labelled check (may refuse, before anything is written)."""
     report = result.report
-    report.signals = label_free(model, result.model, signal_samples, options.batch_size, options.threads)
+    report.signals = label_free(model, result.model, signal_samples, options.batch_size, options.threads,
+                                after=result.outputs)
     if check is not None:
         report.check = labelled_check(model, result.model, *check, options.batch_size, options.allow_worse,
                                       options.threads)

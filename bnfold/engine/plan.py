@@ -195,6 +195,41 @@ def plan_stages(model: onnx.ModelProto, batchnorms: Iterable[BatchNorm]) -> Stag
     return StagePlan(levels, nodes, inputs, outputs, measure, last_use, late_inputs)
 
 
+@dataclasses.dataclass
+class HeadPlan:
+    """What is left to compute one graph output once every stage has run: ``nodes`` (indices into
+    graph.node, in graph order) that no stage runs, and the tensors they read that stages make
+    (``inputs``, each with the stage that makes it in ``made_in``) or that are graph inputs."""
+
+    output: str
+    nodes: list[int]
+    inputs: list[str]
+    made_in: dict[str, int]
+
+
+def plan_head(model: onnx.ModelProto, plan: StagePlan, output: str) -> HeadPlan:
+    """The rest of the graph after the stages, for `output` (see `HeadPlan`): run on the first
+    batches with every BN's new statistics, it gives the adapted model's output without a second
+    session over the whole model."""
+    graph = model.graph
+    producer = {out: i for i, node in enumerate(graph.node) if not is_constant_node(node) for out in node.output if out}
+    runtime_inputs = {i.name for i in graph.input} - {t.name for t in graph.initializer}
+    reads = [[t for t in node_inputs(node) if t in producer or t in runtime_inputs] for node in graph.node]
+    staged = {i: s for s, members in enumerate(plan.nodes) for i in members}
+    nodes, todo = set(), [producer[output]] if output in producer else []
+    while todo:
+        i = todo.pop()
+        if i not in nodes and i not in staged:
+            nodes.add(i)
+            todo.extend(producer[t] for t in reads[i] if t in producer)
+    made = {out for i in nodes for out in graph.node[i].output}
+    wanted = [t for i in sorted(nodes) for t in reads[i] if t not in made]
+    if output not in made:  # made by a stage (or a graph input): read as it is
+        wanted.append(output)
+    inputs = list(dict.fromkeys(wanted))
+    return HeadPlan(output, sorted(nodes), inputs, {t: staged[producer[t]] for t in inputs if t in producer})
+
+
 def _ancestors(graph, reads, producer, targets: set[str]) -> set[int]:
     """Indices of the nodes needed to compute `targets`."""
     needed: set[int] = set()
@@ -232,16 +267,25 @@ def stage_model(
     for shape tensors: a ``Resize`` whose ``sizes`` come from ``Shape → Gather → Concat`` in an
     earlier stage must see a 1-D input *of length rank(X)*, or ORT refuses to load the stage.
     """
+    part = (plan.nodes[s], plan.inputs[s], plan.outputs[s], f"{model.graph.name}_stage{s}")
+    return part_model(model, part, input_types, overrides, replacements, output_types, constants, input_dims)
+
+
+def part_model(model, part: tuple[list[int], list[str], list[str], str], input_types, overrides, replacements=None,
+               output_types=None, constants=None, input_dims=None) -> onnx.ModelProto:
+    """`stage_model` for any part = (node indices, input names, output names, graph name), e.g. a
+    `HeadPlan`'s."""
     graph = model.graph
+    indices, inputs, outputs, name = part
     replacements = replacements or {}
-    nodes = [replacements.get(i, graph.node[i]) for i in plan.nodes[s]]
+    nodes = [replacements.get(i, graph.node[i]) for i in indices]
     initializers = (constant_tensors(graph) if constants is None else constants) | overrides
     read = list(dict.fromkeys(t for node in nodes for t in node_inputs(node)))
     stage_graph = onnx.helper.make_graph(
         nodes,
-        f"{graph.name}_stage{s}",
-        [_input_value_info(t, input_types[t], (input_dims or {}).get(t)) for t in plan.inputs[s]],
-        [_output_value_info(t, (output_types or {}).get(t)) for t in plan.outputs[s]],
+        name,
+        [_input_value_info(t, input_types[t], (input_dims or {}).get(t)) for t in inputs],
+        [_output_value_info(t, (output_types or {}).get(t)) for t in outputs],
         initializer=[initializers[t] for t in read if t in initializers],
     )
     stage = onnx.helper.make_model(

@@ -53,6 +53,8 @@ class RecalibrationResult:
 
     model: onnx.ModelProto
     report: Report
+    #: the new model's first output on the first len(outputs) samples (`head_samples`), or None
+    outputs: np.ndarray | None = None
 
 
 def recalibrate(
@@ -67,6 +69,7 @@ def recalibrate(
     threads: int = 0,
     progress: Progress | None = None,
     prior: float = 0.0,
+    head_samples: int = 0,
 ) -> RecalibrationResult:
     """Recompute every BN's running mean/var on `samples` (exact fixed point, float64).
 
@@ -83,6 +86,10 @@ def recalibrate(
     prior: weight N of the model's own (source) statistics, in samples (Schneider et al. 2020):
         each BN gets μ = (N·μ_src + n·μ_tgt)/(N + n) and likewise the variance, mixed before any
         BN downstream is measured. 0 (default): target statistics only. See `engine.prior`.
+    head_samples: also return the new model's first output on the first ≥ head_samples samples
+        (whole batches) as `RecalibrationResult.outputs`, computed from the tensors the stages
+        made for them (only the part of the graph after the last BN runs again): what the
+        before/after signals need, without a session over the whole model. 0 (default): not.
     """
     if memory_budget is None:
         memory_budget = default_memory_budget()
@@ -101,23 +108,28 @@ def recalibrate(
     native = native_graph(work, batchnorms, shapes, threads) if _native_allowed(providers) else None
     graph, measured = (native.model, native.batchnorms) if native else (work, batchnorms)
     plan = g.plan_stages(graph, measured)
+    head = _plan_head(graph, plan) if head_samples > 0 else None
     runner = _StageRunner(graph, plan, providers, threads, progress, native, og.constant_tensors(work.graph),
                           og.value_shapes(graph) if native else shapes)
     planned = time.perf_counter()
     runner.expected_samples = _expected_samples(samples)
     runner.prior = float(prior)
+    runner.head, runner.head_samples = head, head_samples
     with TensorStore(memory_budget, spill_dir, disk_budget=disk_budget) as store:
         batches = iter_batches(samples, model_inputs(work), batch_size)
         runner.run(batches, store, measured)
+        outputs = runner._timed("head", runner.head_outputs) if head else None
         store_use = {"peak_bytes_in_memory": store.peak_bytes_in_memory, "bytes_spilled": store.bytes_spilled}
     ran = time.perf_counter()
     result = _result(work, batchnorms, measured, plan, runner, notes)
+    result.outputs = outputs
     result.report.extra["stage_graph"] = "onnxruntime-optimized" if native else "source"
     result.report.extra["store"] = store_use
     timings = runner.timings
     timings["planning"] = planned - started
     # the loop itself, progress callbacks: negative only if a part were counted twice (tested)
-    timings["other"] = ran - planned - sum(timings[k] for k in ("reading", "sessions", "onnxruntime", "statistics", "store"))
+    parts = ("reading", "sessions", "onnxruntime", "statistics", "store", "head")
+    timings["other"] = ran - planned - sum(timings.get(k, 0.0) for k in parts)
     timings["report"] = time.perf_counter() - ran
     timings["total"] = time.perf_counter() - started
     return result
@@ -180,6 +192,10 @@ class _StageRunner:
         self.overlap = True
         # seconds per part; with "planning" and "report" (set by `recalibrate`) they add up to "total"
         self.timings: dict[str, float] = dict.fromkeys(("reading", "sessions", "onnxruntime", "statistics", "store"), 0.0)
+        self.head: g.HeadPlan | None = None  # the rest of the graph, run on the first batches at the end
+        self.head_samples = 0
+        self.head_values: dict[str, list[np.ndarray]] = {}  # head input -> its values in the first batches
+        self.head_batches = 0  # batches kept for the head: fixed in stage 0
 
     def run(self, batches, store: TensorStore, batchnorms: list[g.BatchNorm]) -> None:
         self.channels = {bn.x: bn.channels for bn in batchnorms}
@@ -200,7 +216,7 @@ class _StageRunner:
         try:
             return fn(*args)
         finally:
-            self.timings[part] += time.perf_counter() - t0
+            self.timings[part] = self.timings.get(part, 0.0) + time.perf_counter() - t0
 
     def _feeds(self, s, batches, store):
         """Stage 0 reads the samples (once); later stages read the cut tensors kept in the store."""
@@ -242,6 +258,7 @@ class _StageRunner:
             self._observe(name, value)
             if self.plan.last_use.get(name, -1) > s:
                 store.put(name, b, value)
+        self._keep_for_head(s, b, values, feeds)
         if s > 0:  # inputs no later stage reads are freed now: ORT's arena reuses them for the next batch
             for name in self.plan.inputs[s]:
                 store.done(name, b, last=self.plan.last_use.get(name) == s)
@@ -273,6 +290,38 @@ class _StageRunner:
         if self.pending is not None:
             pending, self.pending = self.pending, None
             self._merge(pending.result())
+
+    def _keep_for_head(self, s, b, values, feeds) -> None:
+        """Keep the head's inputs of the first batches (enough for `head_samples`)."""
+        if self.head is None:
+            return
+        if s == 0 and self.samples - len(next(iter(feeds.values()))) < self.head_samples:
+            self.head_batches = b + 1
+        if b < self.head_batches:
+            for name in self.head.inputs:
+                if name in values and self.head.made_in.get(name) == s or s == 0 and name in feeds:
+                    self.head_values.setdefault(name, []).append(values[name] if name in values else feeds[name])
+
+    def head_outputs(self) -> np.ndarray | None:
+        """The new model's first output on the kept first batches (None if the head cannot run)."""
+        head = self.head
+        if not self.head_values and head.inputs or any(len(v) != self.head_batches for v in self.head_values.values()):
+            return None
+        if not head.nodes:
+            return np.concatenate(self.head_values[head.output])
+        part = (head.nodes, head.inputs, [head.output], f"{self.model.graph.name}_head")
+        model = g.part_model(self.model, part, self.types, self.overrides | self.stage_overrides, self.replacements,
+                             self.inferred_types, self.constants, {t: self._static_dims(t) for t in head.inputs})
+        try:
+            options = session_options(self.threads)
+            if self.native:
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=self.providers)
+            parts = [session.run([head.output], {t: self.head_values[t][b] for t in head.inputs})[0]
+                     for b in range(self.head_batches)]
+        except Exception:  # noqa: BLE001 - the caller then runs the whole new model instead
+            return None
+        return np.concatenate(parts)
 
     def _merge(self, batch: list[tuple[str, Moments]]) -> None:
         """Merge one batch's moments, batches in order: the result does not depend on thread timing."""
@@ -371,6 +420,15 @@ def _affine(bn: g.BatchNorm, constants, mean: np.ndarray, var: np.ndarray) -> tu
     scale, bias = (numpy_helper.to_array(constants[t]).astype(np.float64) for t in (bn.scale, bn.bias))
     a = scale / np.sqrt(var + bn.epsilon)
     return a, bias - mean * a
+
+
+def _plan_head(graph: onnx.ModelProto, plan: g.StagePlan) -> g.HeadPlan:
+    """The head for the first graph output; the stages are told to output the tensors it reads."""
+    head = g.plan_head(graph, plan, graph.graph.output[0].name)
+    for name, s in head.made_in.items():
+        if name not in plan.outputs[s]:
+            plan.outputs[s].append(name)
+    return head
 
 
 def _native_allowed(providers) -> bool:

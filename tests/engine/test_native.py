@@ -103,3 +103,29 @@ def test_blocked_sums_equal_plain_sums(block):
     assert np.allclose(got[0], want[0], rtol=1e-12, atol=1e-9) and np.allclose(got[1], want[1], rtol=1e-12)
     with pytest.raises(ValueError, match="multiple"):
         shifted_sample_sums(blocked[:, :block + 1], shift[:block + 1], block)
+
+
+@pytest.mark.parametrize("stage_graph", ["native", "source"])
+@pytest.mark.parametrize("name", ["classifier", "residual_block", "two_bns_one_tensor", "gemm_bn1d", "multi_input",
+                                  "bn_on_graph_input", "producer_several_consumers", "conv3d_bn"])
+def test_head_outputs_are_the_new_models_outputs(name, stage_graph, monkeypatch):
+    """`head_samples`: the rest of the graph after the stages, run on the kept first batches, gives
+    what a session over the whole new model gives on those samples."""
+    import onnxruntime as ort
+
+    model = ALL_MODELS[name]()
+    samples = make_samples(model, 23, seed=4)
+    monkeypatch.setenv("BNFOLD_STAGE_GRAPH", stage_graph)
+    result = bnfold.recalibrate(model, samples, batch_size=5, head_samples=7)
+    assert result.outputs is not None and len(result.outputs) == 10  # two whole batches of 5 cover 7
+    session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = session.run([session.get_outputs()[0].name], {k: v[:10] for k, v in samples.items()})[0]
+    scale = np.abs(want).max() + 1e-6
+    assert np.abs(result.outputs - want).max() <= 1e-5 * scale
+    assert "head" in result.report.timings
+
+
+def test_no_head_unless_asked():
+    model = ALL_MODELS["classifier"]()
+    result = bnfold.recalibrate(model, make_samples(model, 6, seed=1), batch_size=4)
+    assert result.outputs is None and "head" not in result.report.timings

@@ -15,6 +15,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+import bnfold
 from bnfold.errors import AdaptationWorse, InvalidSamples
 from bnfold.trust.check import labelled_check, load_check, score
 from bnfold.trust.signals import SIGNAL_SAMPLES, compare_outputs, first_output, probabilities
@@ -128,6 +129,29 @@ def test_pipeline_reports_signals_and_check(demo_job):
     assert signals["after"]["mean_max_probability"] > signals["before"]["mean_max_probability"]
     as_dict = job.report.to_dict()
     assert as_dict["check"] == check and as_dict["signals"]["changed_argmax"] == signals["changed_argmax"]
+
+
+def test_pipeline_signals_use_the_recalibrations_outputs_and_match_two_sessions(demo_job, monkeypatch):
+    """The job takes the new model's outputs from the recalibration (`head_samples`) instead of a
+    second whole-model session; the signals are those the two sessions give."""
+    from bnfold.trust import signals as signals_module
+
+    root, job = demo_job
+    samples = np.load(root / "samples.npy")[:SIGNAL_SAMPLES]
+    model = onnx.load(root / "model.onnx")
+    adapted = bnfold.recalibrate(model, np.load(root / "samples.npy")).model
+    two_sessions = signals_module.label_free(model, adapted, samples, 64)
+    for key in ("changed_argmax", "samples", "kind"):
+        assert job.report.signals[key] == two_sessions[key]
+    for when in ("before", "after"):
+        for key, value in two_sessions[when].items():
+            assert job.report.signals[when][key] == pytest.approx(value, rel=1e-5)
+    runs = []
+    monkeypatch.setattr(signals_module, "first_output", lambda m, *a, **k: runs.append(m) or first_output(m, *a, **k))
+    from bnfold.pipeline import recalibrate_files
+
+    recalibrate_files(root / "model.onnx", root / "samples.npy")
+    assert len(runs) == 1  # the model before; the model after came from the recalibration
 
 
 def test_page_is_self_contained_with_plots(demo_job):
