@@ -35,7 +35,7 @@ from bnfold.pipeline import JobOptions, recalibrate_files  # noqa: E402
 
 BEGIN, END = "<!-- zoo:begin -->", "<!-- zoo:end -->"
 HEADER = ("| model | family | opset | BN params | axes | #BN | stats err (μ σ-units / σ² rel) | BN left | Mul+Add "
-          "| fold diff (real) | pipeline s | ORT pass s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| fold diff (real) | pipeline s | ORT pass s | graph cut |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def run_case(case: zoo.Case, count: int, batch: int) -> str:
@@ -48,7 +48,7 @@ def run_case(case: zoo.Case, count: int, batch: int) -> str:
         mean_err, var_err = zoo.statistics_error(result.report.layers, zoo.torch_fixed_point(net, x))
         stats = f"{mean_err:.1e} / {var_err:.1e}"
     except bnfold.BnfoldError as exc:
-        return _row(case, n_bn, f"refused: {exc}", "", "", "", "", "")
+        return _row(case, n_bn, f"refused: {exc}", "", "", "", "", "", "")
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / "x.npy", x)
         started = time.perf_counter()
@@ -56,12 +56,12 @@ def run_case(case: zoo.Case, count: int, batch: int) -> str:
             out = recalibrate_files(model.SerializeToString(), Path(tmp) / "x.npy",
                                     JobOptions(batch_size=batch, verify_samples=count))
         except bnfold.BnfoldError as exc:
-            return _row(case, n_bn, stats, f"pipeline refused: {str(exc)[:160]}", "", "", "", "")
+            return _row(case, n_bn, stats, f"pipeline refused: {str(exc)[:160]}", "", "", "", "", "")
         seconds = time.perf_counter() - started
     counts = out.report.extra["fold"]["counts"]
     diff = zoo.fold_difference(result.model, out.model, x)
     return _row(case, n_bn, stats, zoo.count_op(out.model, "BatchNormalization"), counts["affine"], f"{diff:.1e}",
-                f"{seconds:.1f}", f"{_ort_pass(model, x, batch):.2f}")
+                f"{seconds:.1f}", f"{_ort_pass(model, x, batch):.2f}", result.report.extra["stage_graph"])
 
 
 def _ort_pass(model, x: np.ndarray, batch: int) -> float:
@@ -73,10 +73,10 @@ def _ort_pass(model, x: np.ndarray, batch: int) -> float:
     return time.perf_counter() - started
 
 
-def _row(case: zoo.Case, n_bn, stats, left, affine, diff, seconds, ort_seconds) -> str:
+def _row(case: zoo.Case, n_bn, stats, left, affine, diff, seconds, ort_seconds, cut) -> str:
     params = "perturbed" if case.perturbed else "untouched (shared)"
     axes = "N,H,W" if case.dynamic else "N"
-    cells = [case.name, case.family, case.opset, params, axes, n_bn, stats, left, affine, diff, seconds, ort_seconds]
+    cells = [case.name, case.family, case.opset, params, axes, n_bn, stats, left, affine, diff, seconds, ort_seconds, cut]
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 

@@ -16,8 +16,8 @@ their block size and writes each BN's a, b (zero-padded) into the optimized Conv
 Exact as before: a, b enter the same float32 Conv ORT's own Conv+BN fusion would run. The
 optimized graph is specific to this machine and this onnxruntime build (ORT warns so); it lives
 only for one recalibration. Anything this module does not recognise — a BN that is not float32
-4-D, ORT fusing something into a marker Conv, a renamed or shared marker — returns None, and the
-runner cuts the source graph as before.
+with spatial axes (BN1d on (N, C) after a Linear), ORT fusing something into a marker Conv, a
+renamed or shared marker — returns None, and the runner cuts the source graph as before.
 """
 
 from __future__ import annotations
@@ -74,11 +74,11 @@ def native_graph(model: onnx.ModelProto, batchnorms: list[g.BatchNorm], types: d
     """The optimized template of `model` (see module docstring), or None where it does not apply.
 
     types: tensor name → (onnx elem type, dims) from shape inference of the source model."""
-    if not batchnorms or any(types.get(bn.x, (None, None))[0] != onnx.TensorProto.FLOAT
-                             or len(types.get(bn.x, (None, None))[1] or ()) != 4 for bn in batchnorms):
+    ranks = [len(types.get(bn.x, (None, None))[1] or ()) for bn in batchnorms]
+    if not batchnorms or min(ranks) < 3 or any(types[bn.x][0] != onnx.TensorProto.FLOAT for bn in batchnorms):
         return None
     try:
-        optimized = _optimize(_template(model, batchnorms), threads)
+        optimized = _optimize(_template(model, batchnorms, ranks), threads)
     except Exception:  # noqa: BLE001 - ORT's error types are not public; the source-graph path still works
         return None
     return _locate(optimized, batchnorms)
@@ -90,20 +90,23 @@ def _marker(k: int) -> tuple[float, float]:
     return 1.0 + (k + 1) / 4096.0, (k + 1) / 8192.0
 
 
-def _template(model: onnx.ModelProto, batchnorms: list[g.BatchNorm]) -> onnx.ModelProto:
+def _template(model: onnx.ModelProto, batchnorms: list[g.BatchNorm], ranks: list[int]) -> onnx.ModelProto:
+    """`model` with BN k as a depthwise Conv (kernel 1 on each of the rank − 2 spatial axes) whose
+    weight and bias hold `_marker(k)`."""
     template = onnx.ModelProto()
     template.CopyFrom(model)
     graph = template.graph
-    for k, bn in enumerate(batchnorms):
+    for k, (bn, rank) in enumerate(zip(batchnorms, ranks)):
         weight, bias = _marker(k)
         names = (f"bnfold::marker::{k}::weight", f"bnfold::marker::{k}::bias")
+        kernel = [1] * (rank - 2)
         graph.initializer.extend([
-            numpy_helper.from_array(np.full((bn.channels, 1, 1, 1), weight, np.float32), names[0]),
+            numpy_helper.from_array(np.full((bn.channels, 1, *kernel), weight, np.float32), names[0]),
             numpy_helper.from_array(np.full(bn.channels, bias, np.float32), names[1]),
         ])
         output = graph.node[bn.index].output[0]
         graph.node[bn.index].CopyFrom(onnx.helper.make_node(
-            "Conv", [bn.x, *names], [output], name=f"bnfold::marker::{k}", group=bn.channels, kernel_shape=[1, 1]))
+            "Conv", [bn.x, *names], [output], name=f"bnfold::marker::{k}", group=bn.channels, kernel_shape=kernel))
     # BN inputs become outputs too, so ORT keeps each in a tensor of its own (in any layout); the
     # model's own outputs stay, so no marker Conv is pruned as unused
     outputs = {o.name for o in graph.output}
@@ -135,22 +138,28 @@ def _locate(optimized: onnx.ModelProto, batchnorms: list[g.BatchNorm]) -> Native
             readers.setdefault(t, []).append(i)
     found, block, weights = [], {}, {}
     for k, bn in enumerate(batchnorms):
+        # The marker Conv reads the BN input plain or in ORT's blocked layout: the tensor behind
+        # a ReorderOutput to it (made blocked), or a ReorderInput of it (made plain, e.g. by a
+        # Concat or a grouped Conv, and blocked for the marker)
         source = producer.get(bn.x)
-        # BN input in ORT's blocked layout (behind a ReorderOutput) or plain; the marker Conv reads
-        # one of the two (ORT runs it blocked only where its channel count allows)
-        blocked = source.input[0] if source is not None and source.domain == NCHWC and source.op_type == "ReorderOutput" else None
-        convs = [(i, x) for x in (blocked, bn.x) if x for i in readers.get(x, [])
+        blocked = {source.input[0]} if _is_nchwc(source, "ReorderOutput") else set()
+        blocked |= {graph.node[i].output[0] for i in readers.get(bn.x, []) if _is_nchwc(graph.node[i], "ReorderInput")}
+        convs = [(i, x) for x in (*sorted(blocked), bn.x) for i in readers.get(x, [])
                  if _is_marker(graph.node[i], x, k, bn.channels, constants)]
         if len(convs) != 1:
             return None
         (index, x), conv = convs[0], graph.node[convs[0][0]]
-        block[x] = _block_size() if x == blocked else 1
+        block[x] = _block_size() if x in blocked else 1
         weights[bn.name] = (conv.input[1], conv.input[2])
         found.append(dataclasses.replace(bn, index=index, x=x))
     markers = [t for pair in weights.values() for t in pair]
     if len(set(markers)) != len(markers):  # a shared marker tensor: one BN's write would change another
         return None
     return NativeGraph(optimized, found, block, weights)
+
+
+def _is_nchwc(node, op_type: str) -> bool:
+    return node is not None and node.domain == NCHWC and node.op_type == op_type
 
 
 def _is_marker(node, x: str, k: int, channels: int, constants) -> bool:

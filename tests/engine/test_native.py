@@ -22,10 +22,10 @@ from bnfold.onnx_graph import value_shapes
 REL = 1e-4  # float32 activations vs float64 reference, relative to std / var
 SAME = 1e-5  # native vs source cut: the same float32 maps, only ORT's kernels differ in rounding
 
-# 4-D float BNs only: these must take the native cut
+# float BNs with spatial axes only: these must take the native cut
 NATIVE = ["conv_bn", "depthwise_conv_bn", "strided_conv_bn", "residual_block", "residual_block_identity",
-          "bn_after_bn", "two_bns_one_tensor", "producer_several_consumers", "classifier"]
-SOURCE = ["gemm_bn1d", "conv1d_bn", "conv3d_bn", "matmul_add_bn1d", "multi_input"]  # a BN not 4-D: the source cut
+          "bn_after_bn", "two_bns_one_tensor", "producer_several_consumers", "classifier", "conv1d_bn", "conv3d_bn"]
+SOURCE = ["gemm_bn1d", "matmul_add_bn1d", "multi_input"]  # a BN1d on (N, C): the source cut
 
 
 def _run(model, samples, monkeypatch, stage_graph: str) -> bnfold.RecalibrationResult:
