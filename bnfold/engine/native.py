@@ -7,17 +7,19 @@ mobilenet_v2 at 224×224 those reorders cost 1.3× a whole inference pass (bench
 How: a *template* of the model, in which every BN is a depthwise 1×1 Conv with marker weights
 (the per-channel map y = a·x + b that BN is in eval mode) and every BN input is a graph output,
 goes once through ORT's optimizer at its highest level, and the optimized graph is saved. In that
-graph each BN input is either a plain tensor or, behind a ``ReorderOutput``, a blocked one (shape
-(N, C_pad, H, W) in memory as (N, C_pad/B, H, W, B)); the BN is the optimized Conv that reads it
-and carries the markers (with its activation, residual Add fused in, and C padded to C_pad).
+graph each BN input is a plain tensor or a blocked one — behind a ``ReorderOutput`` to it, or
+made from it by a ``ReorderInput`` — of shape (N, C_pad, H, W), in memory (N, C_pad/B, H, W, B);
+the BN is the optimized Conv that reads it and carries the markers (with its activation and
+residual Add fused in, C padded to C_pad). BNs without spatial axes (BN1d after a Linear) or of
+unknown rank get their marker on an (N, C, L) view of the input.
 `engine.plan` cuts that graph instead of the source; the runner measures blocked tensors with
 their block size and writes each BN's a, b (zero-padded) into the optimized Conv's weights.
 
 Exact as before: a, b enter the same float32 Conv ORT's own Conv+BN fusion would run. The
 optimized graph is specific to this machine and this onnxruntime build (ORT warns so); it lives
-only for one recalibration. Anything this module does not recognise — a BN that is not float32
-with spatial axes (BN1d on (N, C) after a Linear), ORT fusing something into a marker Conv, a
-renamed or shared marker — returns None, and the runner cuts the source graph as before.
+only for one recalibration. Anything this module does not recognise — a BN that is not float32,
+ORT fusing something into a marker Conv, a renamed or shared marker — returns None, and the
+runner cuts the source graph as before.
 """
 
 from __future__ import annotations
@@ -75,13 +77,15 @@ def native_graph(model: onnx.ModelProto, batchnorms: list[g.BatchNorm], types: d
 
     types: tensor name → (onnx elem type, dims) from shape inference of the source model."""
     ranks = [len(types.get(bn.x, (None, None))[1] or ()) for bn in batchnorms]
-    if not batchnorms or min(ranks) < 3 or any(types[bn.x][0] != onnx.TensorProto.FLOAT for bn in batchnorms):
+    if not batchnorms or max(ranks) > 5 or any(types.get(bn.x, (None,))[0] != onnx.TensorProto.FLOAT
+                                               for bn in batchnorms):
         return None
     try:
-        optimized = _optimize(_template(model, batchnorms, ranks), threads)
+        template, inputs = _template(model, batchnorms, ranks)
+        optimized = _optimize(template, threads)
     except Exception:  # noqa: BLE001 - ORT's error types are not public; the source-graph path still works
         return None
-    return _locate(optimized, batchnorms)
+    return _locate(optimized, batchnorms, inputs)
 
 
 def _marker(k: int) -> tuple[float, float]:
@@ -90,29 +94,47 @@ def _marker(k: int) -> tuple[float, float]:
     return 1.0 + (k + 1) / 4096.0, (k + 1) / 8192.0
 
 
-def _template(model: onnx.ModelProto, batchnorms: list[g.BatchNorm], ranks: list[int]) -> onnx.ModelProto:
-    """`model` with BN k as a depthwise Conv (kernel 1 on each of the rank − 2 spatial axes) whose
-    weight and bias hold `_marker(k)`."""
+def _template(model: onnx.ModelProto, batchnorms: list[g.BatchNorm], ranks: list[int]) -> tuple[onnx.ModelProto, list[str]]:
+    """`model` with BN k as a depthwise Conv (kernel 1 on each spatial axis) whose weight and bias
+    hold `_marker(k)`, and the tensor each marker reads: the BN input, or where it has no spatial
+    axes or an unknown rank (BN1d after a Linear, after a computed Reshape) its (N, C, L) view
+    (Reshape → marker → Reshape back to Shape(x); the same numbers, so the same statistics)."""
     template = onnx.ModelProto()
     template.CopyFrom(model)
     graph = template.graph
+    replaced, inputs = {}, []
     for k, (bn, rank) in enumerate(zip(batchnorms, ranks)):
+        name = f"bnfold::marker::{k}"
         weight, bias = _marker(k)
-        names = (f"bnfold::marker::{k}::weight", f"bnfold::marker::{k}::bias")
-        kernel = [1] * (rank - 2)
+        viewed = rank < 3  # 2: (N, C); 0: rank unknown
+        kernel = [1] * (1 if viewed else rank - 2)
         graph.initializer.extend([
-            numpy_helper.from_array(np.full((bn.channels, 1, *kernel), weight, np.float32), names[0]),
-            numpy_helper.from_array(np.full(bn.channels, bias, np.float32), names[1]),
+            numpy_helper.from_array(np.full((bn.channels, 1, *kernel), weight, np.float32), f"{name}::weight"),
+            numpy_helper.from_array(np.full(bn.channels, bias, np.float32), f"{name}::bias"),
         ])
-        output = graph.node[bn.index].output[0]
-        graph.node[bn.index].CopyFrom(onnx.helper.make_node(
-            "Conv", [bn.x, *names], [output], name=f"bnfold::marker::{k}", group=bn.channels, kernel_shape=kernel))
+        x, y = bn.x, graph.node[bn.index].output[0]
+        nodes = []
+        if viewed:
+            graph.initializer.append(numpy_helper.from_array(np.array([0, bn.channels, -1], np.int64), f"{name}::3d"))
+            nodes += [onnx.helper.make_node("Reshape", [x, f"{name}::3d"], [f"{name}::input"], name=f"{name}::to3d"),
+                      onnx.helper.make_node("Shape", [x], [f"{name}::shape"], name=f"{name}::shape")]
+            x, y = f"{name}::input", f"{name}::output"
+        nodes.append(onnx.helper.make_node("Conv", [x, f"{name}::weight", f"{name}::bias"], [y], name=name,
+                                           group=bn.channels, kernel_shape=kernel))
+        if viewed:
+            nodes.append(onnx.helper.make_node("Reshape", [y, f"{name}::shape"], [graph.node[bn.index].output[0]],
+                                               name=f"{name}::back"))
+        replaced[bn.index] = nodes
+        inputs.append(x)
+    all_nodes = [new for i, node in enumerate(graph.node) for new in replaced.get(i, [node])]
+    del graph.node[:]
+    graph.node.extend(all_nodes)
     # BN inputs become outputs too, so ORT keeps each in a tensor of its own (in any layout); the
     # model's own outputs stay, so no marker Conv is pruned as unused
     outputs = {o.name for o in graph.output}
     graph.output.extend(onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None)
-                        for x in dict.fromkeys(bn.x for bn in batchnorms) if x not in outputs)
-    return template
+                        for x in dict.fromkeys(inputs) if x not in outputs)
+    return template, inputs
 
 
 def _optimize(template: onnx.ModelProto, threads: int) -> onnx.ModelProto:
@@ -126,7 +148,9 @@ def _optimize(template: onnx.ModelProto, threads: int) -> onnx.ModelProto:
         return onnx.load(options.optimized_model_filepath)
 
 
-def _locate(optimized: onnx.ModelProto, batchnorms: list[g.BatchNorm]) -> NativeGraph | None:
+def _locate(optimized: onnx.ModelProto, batchnorms: list[g.BatchNorm], inputs: list[str]) -> NativeGraph | None:
+    """Each BN's marker Conv in ORT's optimized graph, and the tensor it reads (inputs[k]: the name
+    marker k read in the template); None unless every marker is found once, untouched."""
     graph = optimized.graph
     if not _topologically_sorted(graph):
         return None
@@ -137,14 +161,14 @@ def _locate(optimized: onnx.ModelProto, batchnorms: list[g.BatchNorm]) -> Native
         for t in node.input:
             readers.setdefault(t, []).append(i)
     found, block, weights = [], {}, {}
-    for k, bn in enumerate(batchnorms):
+    for k, (bn, read) in enumerate(zip(batchnorms, inputs)):
         # The marker Conv reads the BN input plain or in ORT's blocked layout: the tensor behind
         # a ReorderOutput to it (made blocked), or a ReorderInput of it (made plain, e.g. by a
         # Concat or a grouped Conv, and blocked for the marker)
-        source = producer.get(bn.x)
+        source = producer.get(read)
         blocked = {source.input[0]} if _is_nchwc(source, "ReorderOutput") else set()
-        blocked |= {graph.node[i].output[0] for i in readers.get(bn.x, []) if _is_nchwc(graph.node[i], "ReorderInput")}
-        convs = [(i, x) for x in (*sorted(blocked), bn.x) for i in readers.get(x, [])
+        blocked |= {graph.node[i].output[0] for i in readers.get(read, []) if _is_nchwc(graph.node[i], "ReorderInput")}
+        convs = [(i, x) for x in (*sorted(blocked), read) for i in readers.get(x, [])
                  if _is_marker(graph.node[i], x, k, bn.channels, constants)]
         if len(convs) != 1:
             return None

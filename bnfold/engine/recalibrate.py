@@ -11,6 +11,11 @@ moments (`moments.Moments`) as they come out; once all batches are through, leve
 statistics and stage s+1 starts from the tensors kept at the cut (`store.TensorStore`). Every node
 runs once per sample, so the total cost stays close to one inference pass, and memory is bounded by
 the store's budget, not the sample count.
+
+Which graph is cut: on the CPU provider, ONNX Runtime's own optimized graph of the model
+(`engine.native`), so the tensors crossing the cuts stay in ORT's blocked layout and each
+recalibrated BN runs as the Conv ORT made of it; otherwise, or where that graph is not
+recognised, the source graph.
 """
 
 from __future__ import annotations
@@ -167,7 +172,7 @@ class _StageRunner:
         self.source_constants = source_constants  # the BN parameters, wherever the stages are cut
         self.channels: dict[str, int] = {}  # measured tensor -> BN channels (blocked ones are padded)
         # once: stage outputs get their types from it, stage inputs their static sizes
-        self.inferred_shapes = shapes  # og.value_shapes(model)
+        self.inferred_shapes = shapes  # og.value_shapes of the graph being cut
         self.inferred_types = {n: (e, None if d is None else len(d)) for n, (e, d) in self.inferred_shapes.items()}
         self.constants = og.constant_tensors(model.graph)  # once: the graph is never edited here
         self.model = model
@@ -310,9 +315,10 @@ class _StageRunner:
         if not head.nodes:
             return np.concatenate(self.head_values[head.output])
         part = (head.nodes, head.inputs, [head.output], f"{self.model.graph.name}_head")
-        model = g.part_model(self.model, part, self.types, self.overrides | self.stage_overrides, self.replacements,
-                             self.inferred_types, self.constants, {t: self._static_dims(t) for t in head.inputs})
         try:
+            model = g.part_model(self.model, part, self.types, self.overrides | self.stage_overrides,
+                                 self.replacements, self.inferred_types, self.constants,
+                                 {t: self._static_dims(t) for t in head.inputs})
             options = session_options(self.threads)
             if self.native:
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
