@@ -240,7 +240,7 @@ def _did_it_help(model: onnx.ModelProto, result, signal_samples, check, options:
     """Label-free signals on the first samples; the labelled check (may refuse, before anything is written)."""
     report = result.report
     report.signals = label_free(model, result.model, signal_samples, options.batch_size, options.threads,
-                                after=result.outputs, before=result.outputs_before)
+                                after=result.outputs)
     if check is not None:
         report.check = labelled_check(model, result.model, *check, options.batch_size, options.allow_worse,
                                       options.threads)

@@ -60,8 +60,6 @@ class RecalibrationResult:
     report: Report
     #: the new model's first output on the first len(outputs) samples (`head_samples`), or None
     outputs: np.ndarray | None = None
-    #: the given model's first output on the same samples, where the stage graph had it cheaply
-    outputs_before: np.ndarray | None = None
 
 
 def recalibrate(
@@ -126,11 +124,10 @@ def recalibrate(
         batches = iter_batches(samples, model_inputs(work), batch_size)
         runner.run(batches, store, measured)
         outputs = runner._timed("head", runner.head_outputs) if head else None
-        before = runner._timed("head", runner.outputs_before) if head else None
         store_use = {"peak_bytes_in_memory": store.peak_bytes_in_memory, "bytes_spilled": store.bytes_spilled}
     ran = time.perf_counter()
     result = _result(work, batchnorms, measured, plan, runner, notes)
-    result.outputs, result.outputs_before = outputs, before
+    result.outputs = outputs
     result.report.extra["stage_graph"] = "onnxruntime-optimized" if native else "source"
     result.report.extra["store"] = store_use
     timings = runner.timings
@@ -204,12 +201,9 @@ class _StageRunner:
         self.head_samples = 0
         self.head_values: dict[str, list[np.ndarray]] = {}  # head input -> its values in the first batches
         self.head_batches = 0  # batches kept for the head: fixed in stage 0
-        self.first_feeds: list[dict[str, np.ndarray]] = []  # the kept first batches of graph inputs
-        self.batchnorms: list[g.BatchNorm] = []
 
     def run(self, batches, store: TensorStore, batchnorms: list[g.BatchNorm]) -> None:
         self.channels = {bn.x: bn.channels for bn in batchnorms}
-        self.batchnorms = batchnorms
         for s in range(self.plan.num_stages):
             self.moments.update({x: None for x in self.plan.measure[s]})
             session = None
@@ -308,36 +302,10 @@ class _StageRunner:
             return
         if s == 0 and self.samples - len(next(iter(feeds.values()))) < self.head_samples:
             self.head_batches = b + 1
-            self.first_feeds.append(feeds)
         if b < self.head_batches:
             for name in self.head.inputs:
                 if name in values and self.head.made_in.get(name) == s or s == 0 and name in feeds:
                     self.head_values.setdefault(name, []).append(values[name] if name in values else feeds[name])
-
-    def outputs_before(self) -> np.ndarray | None:
-        """The given model's first output on the kept first batches: ORT's optimized graph with
-        every marker Conv holding its BN's *old* a, b — a session that needs no optimizing, not a
-        second build of the whole model. None when cutting the source graph (the caller runs the
-        model itself)."""
-        if not self.native or not self.first_feeds:
-            return None
-        output = self.model.graph.output[0].name
-        whole = g.plan_head(self.model, dataclasses.replace(self.plan, nodes=[]), output)
-        old = {}
-        for bn in self.batchnorms:
-            mean, var = (numpy_helper.to_array(self.source_constants[t]).astype(np.float64) for t in (bn.mean, bn.var))
-            old.update({t.name: t for t in self.native.affine(bn, *_affine(bn, self.source_constants, mean, var))})
-        part = (whole.nodes, whole.inputs, [output], f"{self.model.graph.name}_before")
-        try:
-            model = g.part_model(self.model, part, self.types, old, None, self.inferred_types, self.constants,
-                                 {t: self._static_dims(t) for t in whole.inputs})
-            options = session_options(self.threads)
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            session = ort.InferenceSession(model.SerializeToString(), options, providers=self.providers)
-            parts = [session.run([output], {t: feeds[t] for t in whole.inputs})[0] for feeds in self.first_feeds]
-        except Exception:  # noqa: BLE001 - the caller then runs the given model itself
-            return None
-        return np.concatenate(parts)
 
     def head_outputs(self) -> np.ndarray | None:
         """The new model's first output on the kept first batches (None if the head cannot run)."""

@@ -18,7 +18,7 @@ positions, and ``output_std_ratio`` — geometric mean over channels of σ_after
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable
 
 import numpy as np
 import onnx
@@ -81,16 +81,12 @@ def compare_outputs(before: np.ndarray, after: np.ndarray) -> dict:
     return out
 
 
-def label_free(original: onnx.ModelProto, adapted: onnx.ModelProto, samples, batch_size: int,
-               threads: int = 0, after: np.ndarray | None = None, before: np.ndarray | None = None) -> dict:
-    """compare_outputs of `original` and `adapted` on `samples` (an array or a dict of arrays; the
-    caller bounds how many). after, before: the models' first outputs on (at least) these samples,
-    first, when the caller has them already — the recalibration computes them for its first
-    batches — so no session is built for them."""
-    first = next(iter(samples.values())) if isinstance(samples, Mapping) else samples
-    n = len(first)
-    if before is None or len(before) < n:
-        before = first_output(original, samples, batch_size, threads)
-    if after is None or len(after) < n:
+def label_free(original: onnx.ModelProto, adapted: onnx.ModelProto, samples: Iterable, batch_size: int,
+               threads: int = 0, after: np.ndarray | None = None) -> dict:
+    """compare_outputs of `original` and `adapted` on `samples` (the caller bounds how many).
+    after: `adapted`'s first output on these samples when the caller has it already (the
+    recalibration computes it for its first samples): one model run instead of two."""
+    before = first_output(original, samples, batch_size, threads)
+    if after is None or len(after) < len(before):
         after = first_output(adapted, samples, batch_size, threads)
-    return compare_outputs(before[:n], after[:n])
+    return compare_outputs(before, after[: len(before)])

@@ -102,8 +102,7 @@ def test_blocked_sums_equal_plain_sums(block):
                                   "bn_on_graph_input", "producer_several_consumers", "conv3d_bn"])
 def test_head_outputs_are_the_new_models_outputs(name, stage_graph, monkeypatch):
     """`head_samples`: the rest of the graph after the stages, run on the kept first batches, gives
-    what a session over the whole new model gives on those samples; the stage graph with the old
-    statistics gives what the given model gives."""
+    what a session over the whole new model gives on those samples."""
     import onnxruntime as ort
 
     model = ALL_MODELS[name]()
@@ -116,14 +115,6 @@ def test_head_outputs_are_the_new_models_outputs(name, stage_graph, monkeypatch)
     scale = np.abs(want).max() + 1e-6
     assert np.abs(result.outputs - want).max() <= 1e-5 * scale
     assert "head" in result.report.timings
-    if stage_graph == "source":  # the caller runs the given model itself
-        assert result.outputs_before is None
-        return
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    given = session.run([session.get_outputs()[0].name], {k: v[:10] for k, v in samples.items()})[0]
-    assert result.outputs_before is not None and result.outputs_before.shape == given.shape
-    assert np.abs(result.outputs_before - given).max() <= 1e-5 * (np.abs(given).max() + 1e-6)
-    assert np.abs(given - want).max() > 1e-3 * scale  # the statistics changed the outputs
 
 
 def test_no_head_unless_asked():
