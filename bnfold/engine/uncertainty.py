@@ -163,19 +163,29 @@ class SampleStream:
                 self.chunk_size *= 2
 
     def total(self) -> SampleMoments:
-        return _merge_all(self._parts(), self.shift)
+        return self._pooled(slice(None))
 
     def halves(self) -> tuple[SampleMoments, SampleMoments]:
         """Moments of the first and the second half of the samples (split at a chunk boundary)."""
         cut = round(self.count / 2 / self.chunk_size)
-        parts = self._parts()
-        return _merge_all(parts[:cut], self.shift), _merge_all(parts[cut:], self.shift)
+        return self._pooled(slice(None, cut)), self._pooled(slice(cut, None))
 
-    def _parts(self) -> list[SampleMoments]:
-        if self.chunks is None:
-            return []
-        c = self.chunks
-        return [SampleMoments(int(c.count[i]), self.shift, c.mean[i], c.comoment[i]) for i in range(len(c))]
+    def _pooled(self, chunks: slice) -> SampleMoments:
+        """The chunks in `chunks` as one SampleMoments: the count-weighted mean, and the co-moments
+        Σ C_i + Σ n_i·(m_i − m)(m_i − m)ᵀ (the parallel-axis form of merging them pairwise, in one
+        vectorised step: merging 64 chunks one `merge` at a time was most of the report's time on
+        a small model, 52 BNs × 2 halves)."""
+        if self.chunks is None or self.shift is None:
+            return SampleMoments(0, self.shift, np.zeros((2, 0)), np.zeros((3, 0)))
+        count, mean, comoment = self.chunks.count[chunks], self.chunks.mean[chunks], self.chunks.comoment[chunks]
+        n = count.sum()
+        if n == 0:
+            return SampleMoments(0, self.shift, np.zeros(mean.shape[1:]), np.zeros(comoment.shape[1:]))
+        pooled = (count[:, None, None] * mean).sum(axis=0) / n
+        d, w = mean - pooled, count[:, None]
+        outer = np.stack([(w * d[:, 0] * d[:, 0]).sum(axis=0), (w * d[:, 0] * d[:, 1]).sum(axis=0),
+                          (w * d[:, 1] * d[:, 1]).sum(axis=0)])
+        return SampleMoments(int(n), self.shift, pooled, comoment.sum(axis=0) + outer)
 
 
 class _Chunks:
@@ -238,13 +248,6 @@ def _chan(n1, mean1, com1, n2, mean2, com2):
     mean = mean1 + delta * (w2 / (w1 + w2))
     outer = np.stack([delta[:, 0] * delta[:, 0], delta[:, 0] * delta[:, 1], delta[:, 1] * delta[:, 1]], axis=1)
     return n, mean, com1 + com2 + outer * (w1 * w2 / (w1 + w2))
-
-
-def _merge_all(parts: list[SampleMoments], shift) -> SampleMoments:
-    total = SampleMoments(0, shift, np.zeros((2, len(shift))), np.zeros((3, len(shift))))
-    for part in parts:
-        total = total.merge(part)
-    return total
 
 
 # --- what the standard errors mean for the user --------------------------------------------------
