@@ -25,6 +25,7 @@ runner cuts the source graph as before.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import tempfile
 
@@ -57,7 +58,7 @@ class NativeGraph:
     def affine(self, bn: g.BatchNorm, a: np.ndarray, b: np.ndarray) -> list[onnx.TensorProto]:
         """The marker Conv's initializers computing y = a·x + b per channel (float64 (C,) each),
         zero-padded to the Conv's padded channel count."""
-        constants = self._constants()
+        constants = self._constants
         tensors = []
         for name, values in zip(self.weights[bn.name], (a, b)):
             dims = list(constants[name].dims)
@@ -66,10 +67,9 @@ class NativeGraph:
             tensors.append(numpy_helper.from_array(padded.reshape(dims), name))
         return tensors
 
+    @functools.cached_property
     def _constants(self) -> dict[str, onnx.TensorProto]:
-        if not hasattr(self, "_constant_cache"):
-            self._constant_cache = constant_tensors(self.model.graph)
-        return self._constant_cache
+        return constant_tensors(self.model.graph)
 
 
 def native_graph(model: onnx.ModelProto, batchnorms: list[g.BatchNorm], types: dict, threads: int) -> NativeGraph | None:
