@@ -1,8 +1,9 @@
 """Find the BatchNormalization nodes of a model and cut its graph into stages between BN levels.
 
 Exact eval-mode statistics of BN k need every BN upstream of k to use its *new* statistics. Give
-each node a stage: ``stage(n) = max(stage of the producers of n's inputs) + (1 if n is BN)``; the
-*level* of a BN is its stage − 1, i.e. the number of BN nodes on the longest path above it. Then:
+each node a stage: ``stage(n) = max(stage of the producers of n's inputs)``, plus one for a BN over
+the stage that makes its input — the BN's *level*, the number of BN nodes on the longest path above
+it. Then:
 
 * every input of a level-s BN is computable in stage s using only BNs of levels < s, which are
   already recalibrated when stage s runs;
@@ -146,16 +147,7 @@ def plan_stages(model: onnx.ModelProto, batchnorms: Iterable[BatchNorm]) -> Stag
     """Assign nodes to stages (see module docstring) and find the tensors crossing each cut."""
     graph = model.graph
     bn_at = {bn.index: bn for bn in batchnorms}
-    # Constant nodes are handed to every stage as initializers, never run or kept as cut tensors.
-    producer = {
-        out: i
-        for i, node in enumerate(graph.node)
-        if not is_constant_node(node)
-        for out in node.output
-        if out
-    }
-    runtime_inputs = {i.name for i in graph.input} - {t.name for t in graph.initializer}
-    reads = [[t for t in node_inputs(node) if t in producer or t in runtime_inputs] for node in graph.node]
+    producer, runtime_inputs, reads = _dataflow(graph)
 
     stage = [0] * len(graph.node)
     level: dict[int, int] = {}
@@ -212,9 +204,7 @@ def plan_head(model: onnx.ModelProto, plan: StagePlan, output: str) -> HeadPlan:
     batches with every BN's new statistics, it gives the adapted model's output without a second
     session over the whole model."""
     graph = model.graph
-    producer = {out: i for i, node in enumerate(graph.node) if not is_constant_node(node) for out in node.output if out}
-    runtime_inputs = {i.name for i in graph.input} - {t.name for t in graph.initializer}
-    reads = [[t for t in node_inputs(node) if t in producer or t in runtime_inputs] for node in graph.node]
+    producer, _, reads = _dataflow(graph)
     staged = {i: s for s, members in enumerate(plan.nodes) for i in members}
     nodes, todo = set(), [producer[output]] if output in producer else []
     while todo:
@@ -228,6 +218,16 @@ def plan_head(model: onnx.ModelProto, plan: StagePlan, output: str) -> HeadPlan:
         wanted.append(output)
     inputs = list(dict.fromkeys(wanted))
     return HeadPlan(output, sorted(nodes), inputs, {t: staged[producer[t]] for t in inputs if t in producer})
+
+
+def _dataflow(graph: onnx.GraphProto) -> tuple[dict[str, int], set[str], list[list[str]]]:
+    """producer (tensor → index of the node making it; Constant nodes make none: they are handed
+    to every stage as initializers), the runtime graph inputs, and per node the inputs it reads
+    that are made by a node or are runtime inputs."""
+    producer = {out: i for i, node in enumerate(graph.node) if not is_constant_node(node) for out in node.output if out}
+    runtime_inputs = {i.name for i in graph.input} - {t.name for t in graph.initializer}
+    reads = [[t for t in node_inputs(node) if t in producer or t in runtime_inputs] for node in graph.node]
+    return producer, runtime_inputs, reads
 
 
 def _ancestors(graph, reads, producer, targets: set[str]) -> set[int]:
