@@ -10,16 +10,14 @@
  * standard errors (engine/uncertainty.py, which needs each sample's sums) come out of the same
  * single read of the tensor.
  *
- * sample_sums_f32(x, shift, s1, s2, n, c, l):
- *   x      C-contiguous float32 buffer of shape (n, c, l)
+ * sample_sums_f32(x, shift, s1, s2, n, c, l, b):
+ *   x      C-contiguous float32 buffer of shape (n, c/b, l, b): b = 1 for a plain (n, c, l) tensor,
+ *          b > 1 for ONNX Runtime's blocked NCHWc layout (channel blk*b + lane at x[i, blk, :, lane])
  *   shift  float64 buffer (c,)        K, subtracted before summing
  *   s1, s2 writable float64 (n, c)    s1[i, ch] = sum_j (x[i, ch, j] - K[ch]),  s2[i, ch] = sum_j (...)^2
- * The GIL is released, so several threads can work on different sample ranges.
- *
- * block_sums_f32(x, shift, s1, s2, n, cb, l, b): the same sums for a tensor in ONNX Runtime's
- * blocked NCHWc layout, x of shape (n, cb, l, b): channel blk*b + lane at x[i, blk, :, lane].
- * Reading it in memory order (all b lanes of a position together) keeps the one pass sequential;
- * the b accumulators per block are independent, so each sum is still taken in position order.
+ * The GIL is released, so several threads can work on different sample ranges. A blocked tensor is
+ * read in memory order (all b lanes of a position together), so the one pass stays sequential; the
+ * b accumulators per block are independent, so each sum is still taken in position order.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -45,23 +43,9 @@ static void row_sums(const float *row, Py_ssize_t l, double k, double *sum, doub
     *sumsq += (q0 + q1) + (q2 + q3);
 }
 
-static PyObject *sample_sums_f32(PyObject *self, PyObject *args)
+static void plain_sums(const float *x, const double *k, double *s1, double *s2, Py_ssize_t n, Py_ssize_t c,
+                       Py_ssize_t l)
 {
-    Py_buffer xb, kb, s1b, s2b;
-    Py_ssize_t n, c, l;
-    if (!PyArg_ParseTuple(args, "y*y*w*w*nnn", &xb, &kb, &s1b, &s2b, &n, &c, &l))
-        return NULL;
-    PyObject *result = NULL;
-    if (n < 0 || c < 0 || l < 0 || xb.len != (Py_ssize_t)sizeof(float) * n * c * l ||
-        kb.len != (Py_ssize_t)sizeof(double) * c || s1b.len != (Py_ssize_t)sizeof(double) * n * c ||
-        s2b.len != s1b.len) {
-        PyErr_SetString(PyExc_ValueError, "sample_sums_f32: buffer sizes do not match (n, c, l)");
-        goto done;
-    }
-    const float *x = (const float *)xb.buf;
-    const double *k = (const double *)kb.buf;
-    double *s1 = (double *)s1b.buf, *s2 = (double *)s2b.buf;
-    Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++)
         for (Py_ssize_t ch = 0; ch < c; ch++) {
             Py_ssize_t r = i * c + ch;
@@ -69,34 +53,11 @@ static PyObject *sample_sums_f32(PyObject *self, PyObject *args)
             s2[r] = 0;
             row_sums(x + r * l, l, k[ch], &s1[r], &s2[r]);
         }
-    Py_END_ALLOW_THREADS
-    result = Py_None;
-    Py_INCREF(result);
-done:
-    PyBuffer_Release(&xb);
-    PyBuffer_Release(&kb);
-    PyBuffer_Release(&s1b);
-    PyBuffer_Release(&s2b);
-    return result;
 }
 
-static PyObject *block_sums_f32(PyObject *self, PyObject *args)
+static void block_sums(const float *x, const double *k, double *s1, double *s2, Py_ssize_t n, Py_ssize_t cb,
+                       Py_ssize_t l, Py_ssize_t b)
 {
-    Py_buffer xb, kb, s1b, s2b;
-    Py_ssize_t n, cb, l, b;
-    if (!PyArg_ParseTuple(args, "y*y*w*w*nnnn", &xb, &kb, &s1b, &s2b, &n, &cb, &l, &b))
-        return NULL;
-    PyObject *result = NULL;
-    if (n < 0 || cb < 0 || l < 0 || b < 1 || b > 64 || xb.len != (Py_ssize_t)sizeof(float) * n * cb * l * b ||
-        kb.len != (Py_ssize_t)sizeof(double) * cb * b || s1b.len != (Py_ssize_t)sizeof(double) * n * cb * b ||
-        s2b.len != s1b.len) {
-        PyErr_SetString(PyExc_ValueError, "block_sums_f32: buffer sizes do not match (n, cb, l, b)");
-        goto done;
-    }
-    const float *x = (const float *)xb.buf;
-    const double *k = (const double *)kb.buf;
-    double *s1 = (double *)s1b.buf, *s2 = (double *)s2b.buf;
-    Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++)
         for (Py_ssize_t blk = 0; blk < cb; blk++) {
             double a[64], q[64];
@@ -115,6 +76,29 @@ static PyObject *block_sums_f32(PyObject *self, PyObject *args)
                 s2[(i * cb + blk) * b + lane] = q[lane];
             }
         }
+}
+
+static PyObject *sample_sums_f32(PyObject *self, PyObject *args)
+{
+    Py_buffer xb, kb, s1b, s2b;
+    Py_ssize_t n, c, l, b;
+    if (!PyArg_ParseTuple(args, "y*y*w*w*nnnn", &xb, &kb, &s1b, &s2b, &n, &c, &l, &b))
+        return NULL;
+    PyObject *result = NULL;
+    if (n < 0 || c < 0 || l < 0 || b < 1 || b > 64 || c % b || xb.len != (Py_ssize_t)sizeof(float) * n * c * l ||
+        kb.len != (Py_ssize_t)sizeof(double) * c || s1b.len != (Py_ssize_t)sizeof(double) * n * c ||
+        s2b.len != s1b.len) {
+        PyErr_SetString(PyExc_ValueError, "sample_sums_f32: buffer sizes do not match (n, c, l, b)");
+        goto done;
+    }
+    const float *x = (const float *)xb.buf;
+    const double *k = (const double *)kb.buf;
+    double *s1 = (double *)s1b.buf, *s2 = (double *)s2b.buf;
+    Py_BEGIN_ALLOW_THREADS
+    if (b == 1)
+        plain_sums(x, k, s1, s2, n, c, l);
+    else
+        block_sums(x, k, s1, s2, n, c / b, l, b);
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
@@ -127,10 +111,9 @@ done:
 }
 
 static PyMethodDef methods[] = {
-    {"block_sums_f32", block_sums_f32, METH_VARARGS,
-     "block_sums_f32(x, shift, s1, s2, n, cb, l, b): sample_sums_f32 for x in blocked (n, cb, l, b) layout."},
     {"sample_sums_f32", sample_sums_f32, METH_VARARGS,
-     "sample_sums_f32(x, shift, s1, s2, n, c, l): s1[i,c] = sum(x[i,c]-K[c]), s2[i,c] = sum((x[i,c]-K[c])^2), float64."},
+     "sample_sums_f32(x, shift, s1, s2, n, c, l, b): s1[i,c] = sum(x[i,c]-K[c]), s2[i,c] = sum((x[i,c]-K[c])^2), "
+     "float64; x plain (b = 1) or in blocks of b channels."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -83,10 +83,8 @@ def _sums_into(rows: np.ndarray, k: np.ndarray, s1: np.ndarray, s2: np.ndarray, 
     blocked, (N, C/B, L, B)."""
     part = rows[lo:hi]
     if _kernel is not None and part.dtype == np.float32 and hi > lo:
-        if part.ndim == 4:
-            _kernel.block_sums_f32(part, k, s1[lo:hi], s2[lo:hi], *part.shape)
-        else:
-            _kernel.sample_sums_f32(part, k, s1[lo:hi], s2[lo:hi], *part.shape)
+        block = part.shape[3] if part.ndim == 4 else 1
+        _kernel.sample_sums_f32(part, k, s1[lo:hi], s2[lo:hi], part.shape[0], len(k), part.shape[2], block)
     else:
         if part.ndim == 4:  # to (n, C, L): a copy, only on this fallback path
             part = part.transpose(0, 1, 3, 2).reshape(part.shape[0], -1, part.shape[2])
