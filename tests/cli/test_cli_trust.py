@@ -15,13 +15,13 @@ import pytest
 from test_cli import _assert_failed_cleanly, invoke
 
 pytest.importorskip("sklearn")
-from bnfold.demo.lab import build_demo_model, make_new_lab
+from bnfold.demo.lab import make_new_lab
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab(tmp_path_factory, demo_model):
     root = tmp_path_factory.mktemp("lab")
-    model, split = build_demo_model(0)
+    model, split = demo_model()
     onnx.save(model, root / "model.onnx")
     np.save(root / "samples.npy", make_new_lab(split["source_test"], np.random.default_rng(0)))
     np.save(root / "new_x.npy", make_new_lab(split["new_lab"][:80], np.random.default_rng(1)))

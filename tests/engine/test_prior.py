@@ -14,7 +14,7 @@ import bnfold
 from bnfold.errors import InvalidOptions
 
 pytest.importorskip("sklearn")
-from bnfold.demo.lab import _conv, accuracy, build_demo_model, make_new_lab
+from bnfold.demo.lab import _conv, accuracy, make_new_lab
 
 EPS = 1e-5
 
@@ -36,8 +36,8 @@ def _reference(model, x, prior):
 
 
 @pytest.fixture(scope="module")
-def lab():
-    model, split = build_demo_model(0)
+def lab(demo_model):
+    model, split = demo_model()
     return model, split, make_new_lab(split["source_test"], np.random.default_rng(0))
 
 

@@ -29,7 +29,6 @@ from bnfold.demo.lab import (
     EPS,
     _bn_relu,
     _conv,
-    build_demo_model,
     load_digits_images,
     make_new_lab,
 )
@@ -60,8 +59,8 @@ def deep_model(source: np.ndarray, widths=(16, 16, 32, 32, 64), strides=(1, 1, 2
 
 
 @pytest.fixture(scope="module")
-def lab():
-    model, split = build_demo_model(0)
+def lab(demo_model):
+    model, split = demo_model()
     images, _ = load_digits_images()
     full = make_new_lab(images, np.random.default_rng(1))
     return model, split, full[np.random.default_rng(2).permutation(len(full))]

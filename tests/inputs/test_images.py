@@ -390,7 +390,6 @@ from typer.testing import CliRunner  # noqa: E402
 
 from bnfold.cli import app  # noqa: E402
 from bnfold.demo.images import write_images, write_new_lab_digits  # noqa: E402
-from bnfold.demo.lab import build_demo_model  # noqa: E402
 from bnfold.engine.recalibrate import recalibrate  # noqa: E402
 from bnfold.inputs.preprocess import METADATA_KEY, spec_from_metadata, write_spec  # noqa: E402
 from bnfold.pipeline import JobOptions, precheck, recalibrate_files  # noqa: E402
@@ -400,12 +399,11 @@ LAB_SIZES = [(12, 10), (10, 13), (9, 9), (8, 11)]  # odd sizes, both orientation
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab(tmp_path_factory, demo_model):
     """The demo model, 96 new-lab digits rendered as PNGs of assorted sizes, and the same digits
     as a .npy made by the torchvision reference from those PNG files."""
-    pytest.importorskip("sklearn")  # the demo's digits ship with scikit-learn
     root = tmp_path_factory.mktemp("lab")
-    model, _ = build_demo_model(0)
+    model, _ = demo_model()
     paths, labels = write_new_lab_digits(root / "pngs", count=96, sizes=LAB_SIZES)
     assert len(paths) == len(labels) == 96
     reference = np.stack([tv.classic(p.read_bytes(), mode="L", resize_to=8, crop=8) for p in paths])

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from bnfold.demo.lab import N_CALIBRATION, accuracy, build_demo_model, make_new_lab
+from bnfold.demo.lab import N_CALIBRATION, accuracy, make_new_lab
 from bnfold.demo.shapes import build_segmentation_model, mean_iou
 from bnfold.pipeline import JobOptions, recalibrate_files
 
@@ -28,8 +28,8 @@ def _both(tmp_path, model: onnx.ModelProto, calibration: np.ndarray, **int8):
 
 
 @pytest.fixture(scope="module")
-def digits():
-    model, split = build_demo_model(0)
+def digits(demo_model):
+    model, split = demo_model()
     new_lab = make_new_lab(split["new_lab"], np.random.default_rng([0, 1]))
     return model, new_lab[:N_CALIBRATION], new_lab[N_CALIBRATION:], split["new_lab_labels"][N_CALIBRATION:]
 

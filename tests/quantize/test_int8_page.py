@@ -13,15 +13,15 @@ import pytest
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
-from bnfold.demo.lab import N_CALIBRATION, build_demo_model, make_new_lab
+from bnfold.demo.lab import N_CALIBRATION, make_new_lab
 from bnfold.pipeline import JobOptions, recalibrate_files
 from bnfold.trust.page import render
 
 
 @pytest.fixture(scope="module")
-def quantized_report(tmp_path_factory):
+def quantized_report(tmp_path_factory, demo_model):
     d = tmp_path_factory.mktemp("int8page")
-    model, split = build_demo_model(0)
+    model, split = demo_model()
     onnx.save(model, d / "model.onnx")
     np.save(d / "samples.npy", make_new_lab(split["new_lab"], np.random.default_rng([0, 1]))[:N_CALIBRATION])
     job = recalibrate_files(d / "model.onnx", d / "samples.npy", JobOptions(quantize="int8"))

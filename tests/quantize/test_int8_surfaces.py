@@ -13,15 +13,15 @@ import pytest
 from typer.testing import CliRunner
 
 from bnfold.cli.main import app
-from bnfold.demo.lab import N_CALIBRATION, build_demo_model, make_new_lab
+from bnfold.demo.lab import N_CALIBRATION, make_new_lab
 
 pytest.importorskip("sklearn")
 
 
 @pytest.fixture(scope="module")
-def demo_files(tmp_path_factory):
+def demo_files(tmp_path_factory, demo_model):
     d = tmp_path_factory.mktemp("int8")
-    model, split = build_demo_model(0)
+    model, split = demo_model()
     onnx.save(model, d / "model.onnx")
     np.save(d / "samples.npy", make_new_lab(split["new_lab"], np.random.default_rng([0, 1]))[:N_CALIBRATION])
     return d

@@ -105,13 +105,12 @@ def test_load_check_validates(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def demo_job(tmp_path_factory):
-    pytest.importorskip("sklearn")
-    from bnfold.demo.lab import build_demo_model, make_new_lab
+def demo_job(tmp_path_factory, demo_model):
+    from bnfold.demo.lab import make_new_lab
     from bnfold.pipeline import recalibrate_files
 
     root = tmp_path_factory.mktemp("trust")
-    model, split = build_demo_model(0)
+    model, split = demo_model()
     onnx.save(model, root / "model.onnx")
     np.save(root / "samples.npy", make_new_lab(split["source_test"], np.random.default_rng(0)))
     np.save(root / "cx.npy", make_new_lab(split["new_lab"][:60], np.random.default_rng(1)))
