@@ -170,7 +170,7 @@ def value_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, list[int
     """name → (elem_type, dims) from ONNX shape inference: each dim its static size, or None where
     symbolic or unknown; dims None where not even the rank is known. Empty where inference fails."""
     try:
-        inferred = shape_inference.infer_shapes(_without_weights(model), strict_mode=False)
+        inferred = shape_inference.infer_shapes(without_weights(model), strict_mode=False)
     except Exception:  # noqa: BLE001 - custom ops or >2 GiB: fold with less information
         inferred = model
     shapes = {}
@@ -183,7 +183,7 @@ def value_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, list[int
     return shapes
 
 
-def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy for shape inference in which large initializers are graph inputs of the same type.
 
     Inference reads only the values of small (shape-like) constants; serialising every weight

@@ -392,6 +392,30 @@ def classifier(seed: int = 17) -> onnx.ModelProto:
     return b.build()
 
 
+def inverted_residuals(seed: int = 18) -> onnx.ModelProto:
+    """Two MobileNetV2-style blocks, whose 1×1 expansions make the largest cut tensors (what
+    `engine.recompute` recomputes instead of keeping them):
+
+        x(N,4,8,8) -> [expand_a 1x1 4->32] -> [bn_a] -> relu -> [dw_a 3x3 s2] -> [bn_b] -> relu
+          -> [project_a 1x1 32->8] -> [bn_c] = u(N,8,4,4)
+        u -> [expand_b 1x1 8->48] -> [bn_d] -> relu -> [grouped_b 3x3 48->24, 24 groups] -> [bn_e]
+          -> relu -> [project_b 1x1 24->8] -> [bn_f] -> [add u] -> y
+
+    Kept per sample across the cuts: 2048 floats after bn_a's level, then 512, 128, 768, 384: the
+    two expansions set the peak in turn, and each is recomputable from a 4× smaller tensor.
+    """
+    b = _Builder("inverted_residuals", seed)
+    x = b.input("x", ["N", 4, 8, 8])
+    h = b.relu(b.bn(b.conv(x, 4, 32, [1, 1], base="expand_a"), 32, "bn_a"))
+    h = b.relu(b.bn(b.conv(h, 32, 32, [3, 3], group=32, strides=[2, 2], pads=[1] * 4, base="dw_a"), 32, "bn_b"))
+    u = b.bn(b.conv(h, 32, 8, [1, 1], base="project_a"), 8, "bn_c")
+    h = b.relu(b.bn(b.conv(u, 8, 48, [1, 1], base="expand_b"), 48, "bn_d"))
+    h = b.relu(b.bn(b.conv(h, 48, 24, [3, 3], group=24, pads=[1] * 4, base="grouped_b"), 24, "bn_e"))
+    h = b.bn(b.conv(h, 24, 8, [1, 1], base="project_b"), 8, "bn_f")
+    b.output(b.node("Add", [h, u], "add", out="y"))
+    return b.build()
+
+
 ALL_MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "conv_bn": functools.partial(conv_bn, bias=True),
     "conv_bn_nobias": functools.partial(conv_bn, bias=False),
@@ -416,6 +440,7 @@ ALL_MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "bn_not_after_foldable": bn_not_after_foldable,
     "multi_input": multi_input,
     "classifier": classifier,
+    "inverted_residuals": inverted_residuals,
 }
 
 

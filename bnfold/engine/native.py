@@ -35,7 +35,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from bnfold.engine import plan as g
-from bnfold.onnx_graph import constant_tensors
+from bnfold.onnx_graph import constant_tensors, value_shapes, without_weights
 
 NCHWC = "com.microsoft.nchwc"
 
@@ -237,3 +237,32 @@ def _block_size() -> int:
         # blocked order: (block, h, lane): channel 0 comes back at position B (h = 1, lane 0)
         _block = int(np.flatnonzero(flat[1:] == 0)[0] + 1)
     return _block
+
+
+# ORT's own ops by a standard op of the same output shape (others keep their name: the NCHWc pools)
+_STANDARD = {"ReorderInput": "Identity", "ReorderOutput": "Identity", "FusedConv": "Conv", "QuickGelu": "Identity",
+             "Gelu": "Identity", "FastGelu": "Identity", "BiasGelu": "Identity"}
+
+
+def logical_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, list[int | None] | None]]:
+    """`onnx_graph.value_shapes` of ORT's optimized graph: ONNX shape inference knows none of ORT's
+    own ops, so it runs on a copy where each is its standard counterpart of the same output shape
+    (NCHWc and fused Conv → Conv, NCHWc pools → pools; reorders and fused activations → Identity of
+    their first input). Channel counts come out
+    as the ops' padded ones, as the arrays ORT returns have them. For sizing only (`engine.recompute`)."""
+    view = without_weights(model)  # a copy, without copying the weights
+    for node in view.graph.node:
+        if node.domain not in (NCHWC, "com.microsoft"):
+            continue
+        op = _STANDARD.get(node.op_type, node.op_type)
+        try:
+            schema = onnx.defs.get_schema(op, domain="")
+        except onnx.defs.SchemaError:
+            continue  # left unknown: its outputs get no shape
+        keep = [a for a in node.attribute if a.name in schema.attributes]
+        inputs = list(node.input)[: schema.max_input]
+        del node.attribute[:], node.input[:]
+        node.attribute.extend(keep)
+        node.input.extend(inputs)
+        node.op_type, node.domain = op, ""
+    return value_shapes(view)

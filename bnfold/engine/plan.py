@@ -205,7 +205,8 @@ def plan_head(model: onnx.ModelProto, plan: StagePlan, output: str) -> HeadPlan:
     session over the whole model."""
     graph = model.graph
     producer, _, reads = _dataflow(graph)
-    staged = {i: s for s, members in enumerate(plan.nodes) for i in members}
+    # the stage that makes each node's outputs first (`engine.recompute` may run a node again later)
+    staged = {i: s for s in reversed(range(plan.num_stages)) for i in plan.nodes[s]}
     nodes, todo = set(), [producer[output]] if output in producer else []
     while todo:
         i = todo.pop()

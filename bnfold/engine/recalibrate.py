@@ -34,8 +34,9 @@ from onnx import numpy_helper
 import bnfold.onnx_graph as og
 from bnfold.engine import plan as g
 from bnfold.engine import prior as source_prior
+from bnfold.engine import recompute
 from bnfold.engine.memory import default_memory_budget
-from bnfold.engine.native import NativeGraph, native_graph
+from bnfold.engine.native import NativeGraph, logical_shapes, native_graph
 from bnfold.engine.moments import Moments, first_sample_shift, shifted_sample_sums
 from bnfold.engine.parameters import with_private_parameters
 from bnfold.engine.prior import check_prior, mix
@@ -113,6 +114,8 @@ def recalibrate(
     native = native_graph(work, batchnorms, shapes, threads) if _native_allowed(providers) else None
     graph, measured = (native.model, native.batchnorms) if native else (work, batchnorms)
     plan = g.plan_stages(graph, measured)
+    sizes = recompute.sizes_per_sample(logical_shapes(graph) if native else shapes)
+    recomputed = recompute.lighten(plan, graph, sizes, _expected_samples(samples))
     head = _plan_head(graph, plan) if head_samples > 0 else None
     runner = _StageRunner(graph, plan, providers, threads, progress, native, og.constant_tensors(work.graph),
                           og.value_shapes(graph) if native else shapes)
@@ -130,6 +133,7 @@ def recalibrate(
     result.outputs = outputs
     result.report.extra["stage_graph"] = "onnxruntime-optimized" if native else "source"
     result.report.extra["store"] = store_use
+    result.report.extra["recomputed"] = recomputed
     timings = runner.timings
     timings["planning"] = planned - started
     # the loop itself, progress callbacks: negative only if a part were counted twice (tested)
