@@ -186,7 +186,7 @@ def recalibrate_files(
             model, samples, batch_size=options.batch_size, memory_budget=options.memory_budget,
             spill_dir=None if options.spill_dir is None else os.fspath(options.spill_dir), threads=options.threads,
             disk_budget=options.disk_budget, providers=options.providers,
-            progress=progress, prior=options.prior, head_samples=SIGNAL_SAMPLES,
+            progress=progress, prior=options.prior, head_samples=SIGNAL_SAMPLES, checked=True,
         )
         if images is not None:
             result.report.extra["images"] = images.report() | {"spec_origin": origin}
@@ -194,7 +194,7 @@ def recalibrate_files(
         wanted = max(SIGNAL_SAMPLES, options.verify_samples if options.fold else 0)
         head = images.first(wanted) if images is not None else _first(samples, wanted)
         tick = time.perf_counter()
-        _did_it_help(model, result, _first(head, SIGNAL_SAMPLES), check, options)
+        _did_it_help(model, data, result, _first(head, SIGNAL_SAMPLES), check, options)
         result.report.timings["signals"] = time.perf_counter() - tick
         if not options.fold:
             result.report.timings["job"] = time.perf_counter() - started
@@ -236,11 +236,12 @@ def _load_check(samples_path, labels_path):
     return None if samples_path is None else load_check(samples_path, labels_path)
 
 
-def _did_it_help(model: onnx.ModelProto, result, signal_samples, check, options: JobOptions) -> None:
-    """Label-free signals on the first samples; the labelled check (may refuse, before anything is written)."""
+def _did_it_help(model: onnx.ModelProto, data: bytes, result, signal_samples, check, options: JobOptions) -> None:
+    """Label-free signals on the first samples; the labelled check (may refuse, before anything is written).
+    data: `model`'s bytes as read."""
     report = result.report
     report.signals = label_free(model, result.model, signal_samples, options.batch_size, options.threads,
-                                after=result.outputs)
+                                after=result.outputs, original_bytes=data)
     if check is not None:
         report.check = labelled_check(model, result.model, *check, options.batch_size, options.allow_worse,
                                       options.threads)

@@ -147,7 +147,7 @@ def plan_stages(model: onnx.ModelProto, batchnorms: Iterable[BatchNorm]) -> Stag
     """Assign nodes to stages (see module docstring) and find the tensors crossing each cut."""
     graph = model.graph
     bn_at = {bn.index: bn for bn in batchnorms}
-    producer, runtime_inputs, reads = _dataflow(graph)
+    producer, runtime_inputs, reads = dataflow(graph)
 
     stage = [0] * len(graph.node)
     level: dict[int, int] = {}
@@ -204,7 +204,7 @@ def plan_head(model: onnx.ModelProto, plan: StagePlan, output: str) -> HeadPlan:
     batches with every BN's new statistics, it gives the adapted model's output without a second
     session over the whole model."""
     graph = model.graph
-    producer, _, reads = _dataflow(graph)
+    producer, _, reads = dataflow(graph)
     # the stage that makes each node's outputs first (`engine.recompute` may run a node again later)
     staged = {i: s for s in reversed(range(plan.num_stages)) for i in plan.nodes[s]}
     nodes, todo = set(), [producer[output]] if output in producer else []
@@ -221,7 +221,7 @@ def plan_head(model: onnx.ModelProto, plan: StagePlan, output: str) -> HeadPlan:
     return HeadPlan(output, sorted(nodes), inputs, {t: staged[producer[t]] for t in inputs if t in producer})
 
 
-def _dataflow(graph: onnx.GraphProto) -> tuple[dict[str, int], set[str], list[list[str]]]:
+def dataflow(graph: onnx.GraphProto) -> tuple[dict[str, int], set[str], list[list[str]]]:
     """producer (tensor → index of the node making it; Constant nodes make none: they are handed
     to every stage as initializers), the runtime graph inputs, and per node the inputs it reads
     that are made by a node or are runtime inputs."""

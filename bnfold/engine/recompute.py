@@ -56,9 +56,12 @@ def lighten(plan: g.StagePlan, model: onnx.ModelProto, sizes: dict[str, int], sa
     sizes: bytes per sample of the graph's tensors, where known (others count as 0 and are never
     recomputed). samples: how many samples will flow, if known (None: assume enough to matter)."""
     graph = model.graph
-    producer, _, reads = g._dataflow(graph)
+    producer, _, reads = g.dataflow(graph)
     first = {i: s for s in reversed(range(plan.num_stages)) for i in plan.nodes[s]}
-    made = lambda t: first[producer[t]] if t in producer else 0  # noqa: E731 - the stage that makes t
+
+    def made(t: str) -> int:  # the stage that makes t (graph inputs: read in stage 0)
+        return first[producer[t]] if t in producer else 0
+
     if any(t not in sizes for t in plan.last_use):
         return []  # a kept tensor of unknown size: the peak is not known, so neither is what lowers it
     candidates = _candidates(plan, graph, producer, reads, sizes)

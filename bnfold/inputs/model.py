@@ -35,7 +35,7 @@ def load_model(source: str | os.PathLike | bytes) -> onnx.ModelProto:
         raise InvalidModel(f"not an ONNX model (protobuf parse failed: {exc})") from None
     if not model.HasField("graph") or not model.opset_import:
         raise InvalidModel("not an ONNX model (no graph or no opset_import); is this the right file?")
-    check_model(model)
+    check_model(model, data)
     check_runnable(model)
     return model
 
@@ -49,8 +49,11 @@ def read_model_bytes(path: str | os.PathLike) -> bytes:
         raise InvalidModel(f"cannot read model file {os.fspath(path)}: {exc.strerror}") from None
 
 
-def check_model(model: onnx.ModelProto) -> None:
-    """Refuse external data and anything the ONNX checker rejects."""
+def check_model(model: onnx.ModelProto, data: bytes | None = None) -> None:
+    """Refuse external data and anything the ONNX checker rejects.
+
+    data: `model`'s serialised bytes, when the caller has them: the checker reads bytes, and
+    serialising the model again for it took 0.1 s of a ResNet-18 job (47 MB) — 20× the check."""
     external = [t.name for t in _all_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
     if external:
         raise InvalidModel(
@@ -59,7 +62,7 @@ def check_model(model: onnx.ModelProto) -> None:
             "onnx.save(onnx.load(path), out, save_as_external_data=False)"
         )
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(model if data is None else data)
     except (onnx.checker.ValidationError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InvalidModel(f"the ONNX checker rejects the model: {first}") from None
