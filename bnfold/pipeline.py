@@ -24,6 +24,7 @@ import onnx
 
 from bnfold import provenance
 from bnfold.engine.recalibrate import (
+    DEFAULT_BATCH_SIZE,
     DEFAULT_MEMORY_BUDGET,
     Progress,
     check_providers,
@@ -74,7 +75,7 @@ class JobOptions:
     adaptation that lowers the labelled check metric (default: refuse it, `AdaptationWorse`)."""
 
     fold: bool = True
-    batch_size: int = 64
+    batch_size: int = DEFAULT_BATCH_SIZE
     memory_budget: int | None = DEFAULT_MEMORY_BUDGET
     verify_samples: int = 32
     rtol: float | None = None

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from bnfold.inputs.preprocess import PreprocessSpec
+from bnfold.pipeline import DEFAULT_BATCH_SIZE
 from bnfold.quantize import DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_COSINE
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -30,7 +31,7 @@ class JobOptionsIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     fold: bool = Field(True, description="Fold BN into neighbouring layers (false: only BN mean/var change).")
-    batch_size: int = Field(64, ge=1, le=65536, description="Samples per inference call (speed/memory only).")
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, le=65536, description="Samples per inference call (speed/memory only).")
     verify_samples: int = Field(32, ge=0, le=1_000_000, description="Samples to compare folded vs unfolded on.")
     rtol: float | None = Field(None, ge=0, allow_inf_nan=False, description="Verification rtol (default: by float type).")
     atol: float | None = Field(None, ge=0, allow_inf_nan=False, description="Verification atol (default: by float type).")

@@ -29,7 +29,7 @@ from bnfold.cli.output import (
 )
 from bnfold.cli.remote import jobs_app
 from bnfold.errors import InvalidOptions
-from bnfold.pipeline import JobOptions, fold_file, recalibrate_files
+from bnfold.pipeline import DEFAULT_BATCH_SIZE, JobOptions, fold_file, recalibrate_files
 from bnfold.quantize import DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_COSINE
 
 app = typer.Typer(
@@ -104,7 +104,7 @@ def recalibrate_command(
                                                ".zip / .tar(.gz) of PNG, JPEG, BMP or TIFF images.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the recalibrated model.")],
     report: Annotated[Optional[Path], typer.Option("--report", help="Write the JSON report here.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per inference call (≥ 1).")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per inference call (≥ 1).")] = DEFAULT_BATCH_SIZE,
     memory_budget: Annotated[
         str, typer.Option("--memory-budget", help="RAM for tensors kept between BN levels (e.g. 512MiB, 2GiB; auto: half the RAM "
                                                    "available, cgroup limits included); the rest spills to disk.")

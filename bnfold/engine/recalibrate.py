@@ -49,6 +49,11 @@ from bnfold.report import LayerReport, Report, shift_score
 from bnfold.runtime import session_options
 
 DEFAULT_MEMORY_BUDGET = None  # sized from the RAM available at the start of each run (engine.memory)
+# Samples per ORT call. 32, not 64: each stage's working set halves, and with it the memory the
+# process must fault in (224 × 512, five models: resnet50 job 17.5–17.8 s against 18.9–19.2 s, peak
+# RSS 3.3 against 3.9 GiB; efficientnet_b0 −4 %; the others within noise; a plain pass is the same
+# at 32 and 64 — bench/RESULTS.md §5).
+DEFAULT_BATCH_SIZE = 32
 
 Progress = Callable[[str, float], None]
 
@@ -67,7 +72,7 @@ def recalibrate(
     model: onnx.ModelProto,
     samples: Samples,
     *,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
     spill_dir: str | None = None,
     disk_budget: int | None = None,
