@@ -52,18 +52,24 @@ def test_nothing_is_recomputed_for_small_data_or_unknown_sizes():
     assert recompute.lighten(plan, model, {t: b for t, b in sizes.items() if t != bn_x}, samples=None) == []
 
 
+@pytest.mark.parametrize("budget", [None, 0], ids=["in-memory", "all-spilled"])
 @pytest.mark.parametrize("stage_graph", ["native", "source"])
-def test_recomputing_leaves_the_statistics_exact(stage_graph, monkeypatch):
+def test_recomputing_leaves_the_statistics_exact(stage_graph, budget, monkeypatch, tmp_path):
     model = inverted_residuals()
     samples = make_samples(model, 21, seed=4)
     monkeypatch.setenv("BNFOLD_STAGE_GRAPH", stage_graph)
+    options = dict(batch_size=4, head_samples=8, memory_budget=budget, spill_dir=str(tmp_path))
     monkeypatch.setattr(recompute, "MIN_BYTES", 1 << 40)
-    kept = bnfold.recalibrate(model, samples, batch_size=4, head_samples=8)
+    kept = bnfold.recalibrate(model, samples, **options)
     monkeypatch.setattr(recompute, "MIN_BYTES", 0)
-    lighter = bnfold.recalibrate(model, samples, batch_size=4, head_samples=8)
+    lighter = bnfold.recalibrate(model, samples, **options)
     assert lighter.report.extra["stage_graph"] == {"native": "onnxruntime-optimized", "source": "source"}[stage_graph]
     assert kept.report.extra["recomputed"] == [] and len(lighter.report.extra["recomputed"]) == 2
-    assert lighter.report.extra["store"]["peak_bytes_in_memory"] < kept.report.extra["store"]["peak_bytes_in_memory"]
+    store, kept_store = lighter.report.extra["store"], kept.report.extra["store"]
+    if budget is None:
+        assert store["peak_bytes_in_memory"] < kept_store["peak_bytes_in_memory"]
+    else:  # the samples kept for expand_a are spilled and read back like any cut tensor
+        assert 0 < store["bytes_spilled"] < kept_store["bytes_spilled"] and store["peak_bytes_in_memory"] == 0
     for name, (mean, var) in reference_recalibrate(model, samples).items():
         got_mean, got_var = _stats(lighter)[name]
         assert np.all(np.abs(got_mean - mean) <= REL * np.sqrt(var)), name
