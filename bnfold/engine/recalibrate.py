@@ -49,11 +49,13 @@ from bnfold.report import LayerReport, Report, shift_score
 from bnfold.runtime import session_options
 
 DEFAULT_MEMORY_BUDGET = None  # sized from the RAM available at the start of each run (engine.memory)
-# Samples per ORT call. 32, not 64: each stage's working set halves, and with it the memory the
-# process must fault in (224 × 512, five models: resnet50 job 17.5–17.8 s against 18.9–19.2 s, peak
-# RSS 3.3 against 3.9 GiB; efficientnet_b0 −4 %; the others within noise; a plain pass is the same
-# at 32 and 64 — bench/RESULTS.md §5).
-DEFAULT_BATCH_SIZE = 32
+# Samples per ORT call. 16, not 64: a stage's working set shrinks with it, and with it the memory
+# the process must fault in and the cache misses of the marker Convs (224 × 512, one process per job:
+# at 32, resnet50 17.5–17.8 s against 18.9–19.2 s at 64, peak RSS 3.3 against 3.9 GiB; at 16 against
+# 32, three interleaved pairs: efficientnet_b0 1.35× against 1.45× a pass, RSS −0.1 to −0.4 GiB, the
+# others within noise; 8 is slower on small models). A plain pass takes the same at 32 and 64
+# (bench/RESULTS.md §5).
+DEFAULT_BATCH_SIZE = 16
 
 Progress = Callable[[str, float], None]
 
