@@ -248,8 +248,8 @@ def logical_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, list[i
     """`onnx_graph.value_shapes` of ORT's optimized graph: ONNX shape inference knows none of ORT's
     own ops, so it runs on a copy where each is its standard counterpart of the same output shape
     (NCHWc and fused Conv → Conv, NCHWc pools → pools; reorders and fused activations → Identity of
-    their first input). Channel counts come out
-    as the ops' padded ones, as the arrays ORT returns have them. For sizing only (`engine.recompute`)."""
+    their first input). Channel counts come out as the ops' padded ones, as the arrays ORT returns
+    have them. For sizing only (`engine.recompute`): never for a stage's declared input shapes."""
     view = without_weights(model)  # a copy, without copying the weights
     for node in view.graph.node:
         if node.domain not in (NCHWC, "com.microsoft"):
