@@ -402,7 +402,7 @@ def inverted_residuals(seed: int = 18) -> onnx.ModelProto:
           -> relu -> [project_b 1x1 24->8] -> [bn_f] -> [add u] -> y
 
     Kept per sample across the cuts: 2048 floats after bn_a's level, then 512, 128, 768, 384: the
-    two expansions set the peak in turn, and each is recomputable from a 4× smaller tensor.
+    two expansions set the peak in turn, and each is recomputable from a tensor 6–8× smaller.
     """
     b = _Builder("inverted_residuals", seed)
     x = b.input("x", ["N", 4, 8, 8])
