@@ -144,7 +144,8 @@ def recalibrate(
     result.outputs = outputs
     result.report.extra["stage_graph"] = "onnxruntime-optimized" if native else "source"
     result.report.extra["store"] = store_use
-    result.report.extra["recomputed"] = recomputed
+    # the BNs whose input a later stage computes again instead of keeping it (engine.recompute)
+    result.report.extra["recomputed"] = [bn.name for bn in measured if bn.x in recomputed]
     timings = runner.timings
     timings["planning"] = planned - started
     # the loop itself, progress callbacks: negative only if a part were counted twice (tested)
