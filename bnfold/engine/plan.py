@@ -66,6 +66,11 @@ class StagePlan:
     def num_stages(self) -> int:
         return len(self.nodes)
 
+    def first_stages(self) -> dict[int, int]:
+        """node index → the first stage that runs it, i.e. makes its outputs (`engine.recompute`
+        may run a node again in later stages)."""
+        return {i: s for s in reversed(range(self.num_stages)) for i in self.nodes[s]}
+
 
 def unique_names(graph: onnx.GraphProto) -> list[str]:
     """A label per node: its name when set and unique, else ``<op_type>#<index>``."""
@@ -205,8 +210,7 @@ def plan_head(model: onnx.ModelProto, plan: StagePlan, output: str) -> HeadPlan:
     session over the whole model."""
     graph = model.graph
     producer, _, reads = dataflow(graph)
-    # the stage that makes each node's outputs first (`engine.recompute` may run a node again later)
-    staged = {i: s for s in reversed(range(plan.num_stages)) for i in plan.nodes[s]}
+    staged = plan.first_stages()
     nodes, todo = set(), [producer[output]] if output in producer else []
     while todo:
         i = todo.pop()

@@ -125,13 +125,14 @@ def recalibrate(
     native = native_graph(work, batchnorms, shapes, threads) if _native_allowed(providers) else None
     graph, measured = (native.model, native.batchnorms) if native else (work, batchnorms)
     plan = g.plan_stages(graph, measured)
+    expected = _expected_samples(samples)
     sizes = recompute.sizes_per_sample(logical_shapes(graph) if native else shapes)
-    recomputed = recompute.lighten(plan, graph, sizes, _expected_samples(samples))
+    recomputed = recompute.lighten(plan, graph, sizes, expected)
     head = _plan_head(graph, plan) if head_samples > 0 else None
     runner = _StageRunner(graph, plan, providers, threads, progress, native, og.constant_tensors(work.graph),
                           og.value_shapes(graph) if native else shapes)
     planned = time.perf_counter()
-    runner.expected_samples = _expected_samples(samples)
+    runner.expected_samples = expected
     runner.prior = float(prior)
     runner.head, runner.head_samples = head, head_samples
     with TensorStore(memory_budget, spill_dir, disk_budget=disk_budget) as store:
@@ -335,10 +336,7 @@ class _StageRunner:
             model = g.part_model(self.model, part, self.types, self.overrides | self.stage_overrides,
                                  self.replacements, self.inferred_types, self.constants,
                                  {t: self._static_dims(t) for t in head.inputs})
-            options = session_options(self.threads)
-            if self.native:
-                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            session = ort.InferenceSession(model.SerializeToString(), options, providers=self.providers)
+            session = ort.InferenceSession(model.SerializeToString(), self._options(), providers=self.providers)
             parts = [session.run([head.output], {t: self.head_values[t][b] for t in head.inputs})[0]
                      for b in range(self.head_batches)]
         except Exception:  # noqa: BLE001 - the caller then runs the whole new model instead
@@ -361,9 +359,7 @@ class _StageRunner:
             self.inferred_types, self.constants, {t: self._static_dims(t) for t in self.plan.inputs[s]},
         )
         try:
-            options = session_options(self.threads)
-            if self.native:  # already ORT's optimized graph: optimizing it again could only undo the cut
-                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            options = self._options()
             # ORT's idle workers would spin on the cores the float64 sums of the previous batch need
             # (mobilenet_v2 224 × 512, 5 interleaved pairs: 4.74 s against 4.89 s with spinning)
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -373,6 +369,12 @@ class _StageRunner:
                 f"ONNX Runtime cannot load the model (the part up to BN level {s}): {_first_line(exc)}. If the "
                 "whole model loads in onnxruntime.InferenceSession, bnfold cut it wrongly: please report it."
             ) from None
+
+    def _options(self) -> ort.SessionOptions:
+        options = session_options(self.threads)
+        if self.native:  # already ORT's optimized graph: optimizing it again could only undo the cut
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return options
 
     def _observe(self, name: str, value: np.ndarray) -> None:
         if name not in self.types:

@@ -58,7 +58,7 @@ def lighten(plan: g.StagePlan, model: onnx.ModelProto, sizes: dict[str, int], sa
     is recomputed). samples: how many samples will flow, if known (None: assume enough to matter)."""
     graph = model.graph
     producer, _, reads = g.dataflow(graph)
-    first = {i: s for s in reversed(range(plan.num_stages)) for i in plan.nodes[s]}
+    first = plan.first_stages()
 
     def made(t: str) -> int:  # the stage that makes t (graph inputs: read in stage 0)
         return first[producer[t]] if t in producer else 0

@@ -27,7 +27,7 @@ def _plan(model):
 
 def _peak(plan, model, sizes):
     producer, _, _ = g.dataflow(model.graph)
-    first = {i: s for s in reversed(range(plan.num_stages)) for i in plan.nodes[s]}
+    first = plan.first_stages()
     return max(recompute._loads(plan, sizes, lambda t: first[producer[t]] if t in producer else 0))
 
 
