@@ -36,6 +36,7 @@ from onnx import numpy_helper
 
 from bnfold.engine import plan as g
 from bnfold.onnx_graph import constant_tensors, value_shapes, without_weights
+from bnfold.runtime import session_options
 
 NCHWC = "com.microsoft.nchwc"
 
@@ -140,9 +141,7 @@ def _template(model: onnx.ModelProto, batchnorms: list[g.BatchNorm], ranks: list
 def _optimize(template: onnx.ModelProto, threads: int) -> onnx.ModelProto:
     """ORT's optimized graph of `template` (CPU provider, all levels), as ORT itself saves it."""
     with tempfile.TemporaryDirectory(prefix="bnfold-native-") as tmp:
-        options = ort.SessionOptions()
-        options.log_severity_level = 4
-        options.intra_op_num_threads = threads
+        options = session_options(threads)
         options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
         ort.InferenceSession(template.SerializeToString(), options, providers=["CPUExecutionProvider"])
         return onnx.load(options.optimized_model_filepath)
